@@ -1,0 +1,123 @@
+"""Command line: ``granet train | export | study | report``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from granet.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+class ProgressBar:
+    """tqdm over epochs: loss, accuracy, density (a trainer callback)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, file=sys.stderr)
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.bar.n = trainer.epoch
+        self.bar.refresh()
+
+    def on_epoch_end(self, trainer: Any, rec: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{rec['train_loss']:.3f}",
+            val=f"{rec['val_acc']:.3f}",
+            test=f"{rec['test_acc']:.3f}",
+            density=f"{rec['density']:.4f}",
+        )
+
+    def on_checkpoint(self, trainer: Any, path: Path, rec: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self.bar.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from granet.trainer import Trainer
+
+    cfg = load_config(args.config, args.set)
+    callbacks = [] if args.quiet else [ProgressBar(cfg.run.epochs)]
+    trainer = Trainer(cfg, callbacks=callbacks, run_dir=args.run_dir)
+    if trainer.paths.checkpoint.is_file() and not args.fresh:
+        print(f"resuming {trainer.paths.root} from its checkpoint", file=sys.stderr)
+    if args.fresh and trainer.paths.checkpoint.is_file():
+        trainer.paths.checkpoint.unlink()
+    summary = trainer.fit(resume=not args.fresh)
+    print(
+        "done: "
+        + " ".join(
+            f"{k}={_fmt(summary[k])}"
+            for k in ("epoch", "test_acc", "test_at_best_val", "density", "inference_flops_ratio")
+            if k in summary
+        )
+        + f" run_dir={summary['run_dir']}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from granet.export import export_run
+
+    out = export_run(args.run_dir)
+    print(
+        f"dense {out['dense_bytes'] / 1e6:.3f} MB -> sparse {out['sparse_bytes'] / 1e6:.3f} MB "
+        f"({out['sparse_bytes'] / out['dense_bytes']:.1%}; density {out['density']:.4f}) "
+        f"in {out['dir']}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="granet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (defaults if omitted)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set sparsity.final_density=0.05 (repeatable)")
+    t.add_argument("--run-dir", default=None, help="run directory (default: output_dir/<hash>)")
+    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a run's sparse model")
+    e.add_argument("run_dir")
+    e.set_defaults(func=cmd_export)
+
+    try:
+        from granet.study.cli import add_study_commands
+    except ImportError:  # the study layer is optional for the engine-only install
+        add_study_commands = None
+    if add_study_commands is not None:
+        add_study_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"granet: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"granet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""The sparse-training engine: masks, the per-step masking contract, and mask-update events.
+
+Use it from any training loop, shaped like an optimizer wrapper::
+
+    engine = SparseEngine(model, optimizer, SparsityConfig(method="granet", final_density=0.1),
+                          steps_per_epoch=len(loader), epochs=epochs)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        engine.step()          # mask weights + optimizer state, maybe prune / regenerate
+
+``engine.step()`` must run after ``optimizer.step()`` and before the next ``zero_grad``: the
+regeneration scores use the dense gradient of the current minibatch, already in ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from granet.config import SparsityConfig
+from granet.sparse.grow import growth_scores
+from granet.sparse.init import layer_densities, random_mask
+from granet.sparse.methods import preset_for
+from granet.sparse.metrics import PRUNABLE, layer_forward_flops
+from granet.sparse.prune import filter_prune, global_magnitude, layerwise_magnitude, topk_mask
+from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
+
+__all__ = ["SparseEngine", "MaskedLayer", "prunable_layers"]
+
+
+@dataclass
+class MaskedLayer:
+    name: str
+    module: nn.Module
+    param: nn.Parameter
+
+
+def prunable_layers(model: nn.Module, dense_layers: list[str] | tuple[str, ...] = ()) -> list[MaskedLayer]:
+    """Every Conv1d/2d/3d and Linear weight of ``model`` except the ones named in ``dense_layers``.
+
+    ``dense_layers`` holds exact module names or the keywords ``first`` / ``last`` (the first and
+    last prunable module in ``named_modules`` order); anything else is an error, never a substring
+    match.
+    """
+    found = [
+        MaskedLayer(name, mod, mod.weight)
+        for name, mod in model.named_modules()
+        if isinstance(mod, PRUNABLE) and isinstance(getattr(mod, "weight", None), nn.Parameter)
+    ]
+    if not found:
+        raise ValueError("model has no Conv1d/Conv2d/Conv3d/Linear layer to sparsify")
+    names = [f.name for f in found]
+    excluded: set[str] = set()
+    for entry in dense_layers:
+        if entry == "first":
+            excluded.add(names[0])
+        elif entry == "last":
+            excluded.add(names[-1])
+        elif entry in names:
+            excluded.add(entry)
+        else:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"sparsity.dense_layers: {entry!r} is not a Conv/Linear module of the model; "
+                f"allowed: first, last, or an exact name ({shown})"
+            )
+    kept = [f for f in found if f.name not in excluded]
+    if not kept:
+        raise ValueError("sparsity.dense_layers: excludes every prunable layer; nothing to sparsify")
+    return kept
+
+
+class SparseEngine:
+    """Masks for every prunable weight, applied after each optimizer step, plus GraNet's updates.
+
+    Args:
+        model: any ``nn.Module``; Conv/Linear weights are discovered by module type.
+        optimizer: the optimizer updating ``model``; its same-shaped state (SGD momentum, Adam
+            moments) is masked together with the weights.
+        cfg: the method and its knobs (:class:`granet.config.SparsityConfig`).
+        steps_per_epoch: optimizer steps per epoch (epochs in ``cfg`` are converted with it).
+        epochs: length of the run in epochs (T = epochs * steps_per_epoch for r_t's decay).
+        seed: seeds the engine's own generator (initial masks, random growth).
+        batch_size: samples per step, for the training-FLOPs count.
+        input_shape: per-sample input shape; enables the FLOPs metrics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        cfg: SparsityConfig | None = None,
+        *,
+        steps_per_epoch: int,
+        epochs: int,
+        seed: int = 0,
+        batch_size: int = 1,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.cfg = cfg = cfg if cfg is not None else SparsityConfig()
+        self.model = model
+        self.optimizer = optimizer
+        self.preset = preset_for(cfg.method)
+        self.growth = cfg.growth or self.preset.default_growth or "gradient"
+        self.layers = prunable_layers(model, cfg.dense_layers)
+        self.sizes = [layer.param.numel() for layer in self.layers]
+        self.total = sum(self.sizes)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * int(epochs)
+        self.batch_size = int(batch_size)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.step_count = 0
+        self.train_flops = 0.0
+        self.pruned_total = 0
+        self.regrown_total = 0
+        self.last_event: dict[str, Any] = {}
+
+        start = round(cfg.prune_start_epoch * self.steps_per_epoch)
+        end = round(cfg.prune_end_epoch * self.steps_per_epoch) if self.preset.gradual_prune else max(
+            self.total_steps, start + 1
+        )
+        self.window = PruneWindow(start, max(end, start + 1), cfg.update_interval)
+        if self.preset.gradual_prune and self.window.n < 1 and not cfg.compat_floored_schedule:
+            raise ValueError(
+                f"sparsity.update_interval={cfg.update_interval}: longer than the pruning window "
+                f"({end - start} steps: epochs {cfg.prune_start_epoch}..{cfg.prune_end_epoch} x "
+                f"{self.steps_per_epoch} steps/epoch); lower it or widen the window"
+            )
+        if cfg.regen_stop_at_prune_end:
+            self.regen_end: int | None = (
+                self.window.last_event if self.preset.gradual_prune else self.window.end
+            )
+        else:
+            self.regen_end = None
+
+        start_density = {"dense": 1.0, "final": cfg.final_density, "init": cfg.init_density}[
+            self.preset.start
+        ]
+        self.s_i = 1.0 - (cfg.init_density if self.preset.start == "init" else start_density)
+        self.s_f = 1.0 - cfg.final_density
+        device = self.layers[0].param.device
+        if start_density < 1.0:
+            shapes = [tuple(layer.param.shape) for layer in self.layers]
+            dens = layer_densities(shapes, start_density, cfg.distribution)
+            self.masks = [
+                random_mask(layer.param.shape, round(d * n), self.generator, layer.param.device)
+                for layer, d, n in zip(self.layers, dens, self.sizes)
+            ]
+        else:
+            self.masks = [torch.ones_like(layer.param, dtype=torch.bool) for layer in self.layers]
+        del device
+        self.ever_active = [m.clone() for m in self.masks]
+        self._refresh_counts()
+        # While every mask is all-ones (dense phase of dense-to-sparse), masking is an identity:
+        # skip it so the dense phase costs exactly a dense step.
+        self.masking_active = start_density < 1.0
+        self._dense_flops: list[int] | None = None
+        self._other_flops = 0
+        if input_shape is not None:
+            self._init_flops(tuple(input_shape))
+        self.apply_masks()
+
+    # ------------------------------------------------------------------ per step
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [layer.param for layer in self.layers]
+
+    def _state_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tensors: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        if self.optimizer is None:
+            return tensors, masks
+        state = self.optimizer.state
+        for layer, m in zip(self.layers, self.masks):
+            st = state.get(layer.param)
+            if not st:
+                continue
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and v.shape == m.shape:
+                    tensors.append(v)
+                    masks.append(m)
+        return tensors, masks
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero inactive weights and their same-shaped optimizer state (no host sync)."""
+        if not self.masking_active:
+            return
+        torch._foreach_mul_([p.data for p in self.params], self.masks)
+        tensors, masks = self._state_tensors()
+        if tensors:
+            torch._foreach_mul_(tensors, masks)
+
+    @torch.no_grad()
+    def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
+        """Call after ``optimizer.step()``: mask, advance the schedules, run an update if due.
+
+        Returns the event record (step, target sparsity, counts pruned/regrown, r_t) on update
+        steps and ``None`` otherwise.
+        """
+        self.apply_masks()
+        self.step_count += 1
+        batch = self.batch_size if batch_size is None else batch_size
+        if self._dense_flops is not None:
+            self.train_flops += 3.0 * batch * self._sparse_flops
+        return self._maybe_update(self.step_count, batch)
+
+    def _maybe_update(self, t: int, batch: int) -> dict[str, Any] | None:
+        cfg = self.cfg
+        target = None
+        if self.preset.gradual_prune:
+            target = gmp_sparsity(
+                t, self.s_i, self.s_f, self.window, compat=cfg.compat_floored_schedule
+            )
+        regen = self.preset.regenerate and is_update_step(
+            t, self.window.start, self.window.interval, self.regen_end
+        )
+        if target is None and not regen:
+            return None
+        event: dict[str, Any] = {"step": t, "target_sparsity": target, "pruned": 0, "regrown": 0}
+        if target is not None:
+            event["pruned"] = self.prune_to_sparsity(target)
+        if regen:
+            r = self.regen_rate(t)
+            event["regen_rate"] = r
+            event["regrown"] = self.regenerate(r)
+            if self.growth == "gradient" and self._dense_flops is not None:
+                # The dense gradient used for regrowth costs one dense weight-gradient pass.
+                self.train_flops += batch * (self.dense_flops - self._sparse_flops)
+        self.pruned_total += event["pruned"]
+        self.regrown_total += event["regrown"]
+        event["density"] = self.density()
+        self.last_event = event
+        return event
+
+    def regen_rate(self, t: int | None = None) -> float:
+        """r_t at step ``t`` (default: now)."""
+        t = self.step_count if t is None else t
+        return regen_rate(t, self.total_steps, self.cfg.regen_ratio, self.cfg.regen_min,
+                          self.cfg.regen_decay)
+
+    # ------------------------------------------------------------------ mask updates
+    @torch.no_grad()
+    def _set_masks(self, new_masks: list[torch.Tensor]) -> None:
+        self.masks = [m.to(layer.param.device) for m, layer in zip(new_masks, self.layers)]
+        for e, m in zip(self.ever_active, self.masks):
+            e |= m
+        self.masking_active = True
+        self._refresh_counts()
+        self.apply_masks()
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [layer.param.detach() for layer in self.layers]
+
+    @torch.no_grad()
+    def prune_to_sparsity(self, sparsity: float, *, scope: str | None = None) -> int:
+        """Magnitude-prune to ``sparsity`` over the masked weights; returns the count removed.
+
+        global: keep exactly K = round(N (1 - s)) largest |w| over all layers (per-layer floor
+        ``min_layer_density`` if set); layerwise: every layer to round(n_l (1 - s)).
+        """
+        scope = scope or self.cfg.prune_scope
+        before = sum(self.nnz)
+        if scope == "global":
+            keep = round(self.total * (1.0 - sparsity))
+            floor = None
+            if self.cfg.min_layer_density > 0:
+                floor = [math.ceil(self.cfg.min_layer_density * n) for n in self.sizes]
+            new = global_magnitude(self._weights(), self.masks, keep, min_keep=floor)
+        elif scope == "layerwise":
+            keeps = [round(n * (1.0 - sparsity)) for n in self.sizes]
+            new = layerwise_magnitude(self._weights(), self.masks, keeps)
+        else:
+            raise ValueError(f"sparsity.prune_scope={scope!r}: must be global or layerwise")
+        self._set_masks([m & k for m, k in zip(self.masks, new)])
+        return before - sum(self.nnz)
+
+    @torch.no_grad()
+    def prune_fraction(
+        self, ratio: float, *, scope: str = "global", structure: str = "unstructured"
+    ) -> list[int]:
+        """One-shot prune of ``ratio`` of the remaining weights (plasticity probes, SPEC §6).
+
+        Returns the number removed per layer. ``structure='filter'`` removes whole output
+        filters ranked by L1 norm and leaves the classifier (last layer) untouched.
+        """
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio={ratio}: must be in [0, 1)")
+        before = list(self.nnz)
+        if structure == "filter":
+            skip = [i == len(self.layers) - 1 for i in range(len(self.layers))]
+            new = filter_prune(self._weights(), self.masks, ratio, scope=scope, skip=skip)
+        elif structure != "unstructured":
+            raise ValueError(f"structure={structure!r}: must be unstructured or filter")
+        elif scope == "global":
+            new = global_magnitude(self._weights(), self.masks, round(sum(before) * (1 - ratio)))
+        elif scope == "layerwise":
+            keeps = [round(n * (1 - ratio)) for n in before]
+            new = layerwise_magnitude(self._weights(), self.masks, keeps)
+        else:
+            raise ValueError(f"scope={scope!r}: must be global or layerwise")
+        self._set_masks([m & k for m, k in zip(self.masks, new)])
+        return [b - a for b, a in zip(before, self.nnz)]
+
+    @torch.no_grad()
+    def regrow(self, counts: list[int], mode: str | None = None) -> int:
+        """Activate ``counts[l]`` inactive positions per layer with the highest growth score.
+
+        New weights are 0 (inactive weights are exact zeros) with 0 optimizer state.
+        """
+        mode = mode or self.growth
+        new = []
+        for layer, m, c in zip(self.layers, self.masks, counts):
+            if c <= 0:
+                new.append(m)
+                continue
+            score = growth_scores(mode, layer.param, self.optimizer, self.generator)
+            score = torch.where(m, torch.full_like(score, -math.inf), score)
+            new.append(m | topk_mask(score, int(c)))
+        before = sum(self.nnz)
+        self._set_masks(new)
+        return sum(self.nnz) - before
+
+    @torch.no_grad()
+    def regenerate(self, ratio: float) -> int:
+        """Zero-cost neuroregeneration (paper Eqs. 2-3): per layer remove ceil(r · nnz_l)
+        smallest-|w| active weights, regrow as many by growth score among all inactive positions
+        (just-removed ones included; one picked again keeps its value). Per-layer nnz unchanged.
+        Returns the number of newly active positions that were not active before.
+        """
+        new = []
+        regrown = 0
+        for layer, m, nnz in zip(self.layers, self.masks, self.nnz):
+            r = math.ceil(ratio * nnz)
+            if r <= 0 or nnz == 0:
+                new.append(m)
+                continue
+            w = layer.param.detach()
+            keep = topk_mask(torch.where(m, w.abs(), torch.full_like(w, -1.0)), nnz - r)
+            score = growth_scores(self.growth, layer.param, self.optimizer, self.generator)
+            score = torch.where(keep, torch.full_like(score, -math.inf), score)
+            grown = topk_mask(score, r)
+            new.append(keep | grown)
+            regrown += int((grown & ~m).sum())
+        self._set_masks(new)
+        return regrown
+
+    # ------------------------------------------------------------------ metrics
+    def _refresh_counts(self) -> None:
+        self.nnz = [int(m.sum()) for m in self.masks]  # host sync only at events
+        if self._dense_flops_ready():
+            self._sparse_flops = self._compute_sparse_flops()
+
+    def _dense_flops_ready(self) -> bool:
+        return getattr(self, "_dense_flops", None) is not None
+
+    def _init_flops(self, input_shape: tuple[int, ...]) -> None:
+        per_module = layer_forward_flops(self.model, input_shape)
+        names = {layer.name for layer in self.layers}
+        self._dense_flops = [per_module[layer.name] for layer in self.layers]
+        self._other_flops = sum(v for k, v in per_module.items() if k not in names)
+        self._sparse_flops = self._compute_sparse_flops()
+
+    def _compute_sparse_flops(self) -> float:
+        assert self._dense_flops is not None
+        return self._other_flops + sum(
+            f * nnz / n for f, nnz, n in zip(self._dense_flops, self.nnz, self.sizes)
+        )
+
+    @property
+    def dense_flops(self) -> float:
+        """Dense forward multiply-accumulates per sample (Conv/Linear)."""
+        if self._dense_flops is None:
+            raise RuntimeError("FLOPs need input_shape= at construction")
+        return float(self._other_flops + sum(self._dense_flops))
+
+    @property
+    def inference_flops(self) -> float:
+        """Forward multiply-accumulates per sample of the sparse model."""
+        if self._dense_flops is None:
+            raise RuntimeError("FLOPs need input_shape= at construction")
+        return float(self._sparse_flops)
+
+    def density(self) -> float:
+        """Density over the masked weights."""
+        return sum(self.nnz) / self.total
+
+    def density_all(self) -> float:
+        """Density over all parameters (biases, BN and dense layers count as dense)."""
+        n_all = sum(p.numel() for p in self.model.parameters())
+        return (n_all - self.total + sum(self.nnz)) / n_all
+
+    def layer_densities(self) -> dict[str, float]:
+        return {layer.name: nnz / n for layer, nnz, n in zip(self.layers, self.nnz, self.sizes)}
+
+    def itop_rate(self) -> float:
+        """In-time over-parameterisation: share of masked weights ever active."""
+        return sum(int(e.sum()) for e in self.ever_active) / self.total
+
+    def units_without_input(self) -> float:
+        """Share of output units (filters / neurons) with no active incoming weight."""
+        dead = total = 0
+        for m in self.masks:
+            rows = m.flatten(1).any(1) if m.dim() > 1 else m
+            dead += int((~rows).sum())
+            total += rows.numel()
+        return dead / total
+
+    def sparse_state_bytes(self) -> int:
+        """Bytes the engine keeps beside the model (masks + ever-active masks)."""
+        return sum(m.numel() * m.element_size() for m in self.masks + self.ever_active)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar metrics for logging (SPEC §7)."""
+        out = {
+            "density": self.density(),
+            "density_all": self.density_all(),
+            "sparsity": 1.0 - self.density(),
+            "regen_rate": self.regen_rate(),
+            "itop_rate": self.itop_rate(),
+            "units_without_input": self.units_without_input(),
+            "pruned_total": float(self.pruned_total),
+            "regrown_total": float(self.regrown_total),
+        }
+        if self._dense_flops is not None:
+            out["inference_flops"] = self.inference_flops
+            out["inference_flops_ratio"] = self.inference_flops / self.dense_flops
+            out["train_flops"] = self.train_flops
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "method": self.cfg.method,
+            "layer_names": [layer.name for layer in self.layers],
+            "masks": [m.clone() for m in self.masks],
+            "ever_active": [e.clone() for e in self.ever_active],
+            "step": self.step_count,
+            "generator": self.generator.get_state(),
+            "train_flops": self.train_flops,
+            "pruned_total": self.pruned_total,
+            "regrown_total": self.regrown_total,
+            "masking_active": self.masking_active,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [layer.name for layer in self.layers]
+        if list(state["layer_names"]) != names:
+            raise ValueError(
+                f"engine state is for layers {state['layer_names'][:3]}..., model has {names[:3]}..."
+            )
+        self.masks = [m.to(layer.param.device).bool() for m, layer in zip(state["masks"], self.layers)]
+        self.ever_active = [
+            e.to(layer.param.device).bool() for e, layer in zip(state["ever_active"], self.layers)
+        ]
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.train_flops = float(state["train_flops"])
+        self.pruned_total = int(state["pruned_total"])
+        self.regrown_total = int(state["regrown_total"])
+        self.masking_active = bool(state["masking_active"])
+        self._refresh_counts()
+        self.apply_masks()

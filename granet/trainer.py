@@ -1,0 +1,373 @@
+"""The trainer: the one training loop of granet.
+
+A single run, a plasticity trunk or probe and a search trial all run through :class:`Trainer`;
+they differ only in their config and callbacks. Checkpoints are complete (weights, masks,
+optimizer state, schedule state, step and epoch, RNG states), so a run resumed from one in a new
+process continues bit-identically on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from granet.config import Config, config_hash, dump_yaml
+from granet.data import Dataset, Split, iterate_batches, load_dataset
+from granet.io import RunPaths, atomic_write_text, load_checkpoint, save_checkpoint, write_parquet
+from granet.models import build_model
+from granet.sparse.engine import SparseEngine
+from granet.sparse.metrics import dead_relu_share
+
+__all__ = ["Callback", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
+
+# Fixed seed of the train/validation split: every run seed and every trunk/probe of a study sees
+# the same split, so test and validation numbers compare across seeds.
+DATA_SPLIT_SEED = 0
+
+
+class Callback:
+    """Hook points of the loop. Override what you need; every method is a no-op by default.
+
+    A callback steers the loop through the trainer: ``trainer.stop = True`` ends training after
+    the current epoch; ``trainer.request_checkpoint = True`` saves one at the end of this epoch.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, path: Path, record: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """``<output_dir>/<method>-<config hash>``: the same config always maps to the same run."""
+    return Path(cfg.run.output_dir) / f"{cfg.sparsity.method}-{config_hash(cfg)}"
+
+
+def lr_at_epoch(cfg: Config, epoch: int) -> float:
+    """Learning rate during ``epoch`` (0-based): linear warm-up, then the schedule (per epoch)."""
+    o, epochs = cfg.optim, cfg.run.epochs
+    if epoch < o.warmup_epochs:
+        return o.lr * (epoch + 1) / (o.warmup_epochs + 1)
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "multistep":
+        return o.lr * o.gamma ** sum(1 for m in o.milestones if epoch >= m)
+    if o.schedule == "cosine":
+        span = max(epochs - o.warmup_epochs, 1)
+        return 0.5 * o.lr * (1.0 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+    raise ValueError(f"optim.schedule={o.schedule!r}: must be multistep, cosine or constant")
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Data order depends only on (seed, epoch): resuming at any epoch reproduces it exactly.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.no_decay_norm_bias:
+        decay = [p for p in model.parameters() if p.dim() > 1]
+        no_decay = [p for p in model.parameters() if p.dim() <= 1]
+        groups: Any = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0
+        )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+class Trainer:
+    """Train one model under one config.
+
+    Args:
+        cfg: a validated :class:`Config`.
+        run_dir: where the config, metrics, checkpoints go (default: :func:`run_dir_for`);
+            ``None`` with ``write=False`` keeps everything in memory.
+        callbacks: hooks (see :class:`Callback`).
+        dataset: a pre-loaded data set (studies share one); loaded from the config otherwise.
+        write: write the run directory (config, metrics Parquet, checkpoints).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        run_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        dataset: Dataset | None = None,
+        write: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.write = write
+        self.paths = RunPaths(run_dir if run_dir is not None else run_dir_for(cfg))
+        self.device = resolve_device(cfg.run.device)
+        self.use_bf16 = cfg.run.bf16 and self.device.type == "cuda"
+        self.channels_last = cfg.run.channels_last and self.device.type == "cuda"
+
+        data = dataset or load_dataset(
+            cfg.data.name,
+            data_dir=cfg.data.data_dir,
+            download=cfg.data.download,
+            val_fraction=cfg.data.val_fraction,
+            seed=DATA_SPLIT_SEED,
+            num_samples=cfg.data.num_samples,
+            augment=cfg.data.augment,
+        )
+        self.data = data.to(self.device)
+        n_train = len(self.data.train.y)
+        if n_train < cfg.data.batch_size:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size}: larger than the training set "
+                f"({n_train} samples)"
+            )
+        self.steps_per_epoch = n_train // cfg.data.batch_size  # drop_last: every step full-size
+
+        torch.manual_seed(cfg.run.seed)  # model init
+        self.model = build_model(
+            cfg.model.name,
+            num_classes=data.num_classes,
+            input_shape=tuple(data.input_shape),
+            kwargs=cfg.model.kwargs,
+        ).to(self.device)
+        if self.channels_last and len(data.input_shape) == 3:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.engine = SparseEngine(
+            self.model,
+            self.optimizer,
+            cfg.sparsity,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=cfg.run.epochs,
+            seed=cfg.run.seed,
+            batch_size=cfg.data.batch_size,
+            input_shape=tuple(data.input_shape),
+        )
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+        self.layer_history: list[dict[str, Any]] = []
+        self.stop = False
+        self.request_checkpoint = False
+        # Global RNG (dropout etc.) after init; saved in every checkpoint.
+        torch.manual_seed(cfg.run.seed + 1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1,
+            "meta": {
+                "num_classes": int(self.data.num_classes),
+                "input_shape": [int(v) for v in self.data.input_shape],
+                "config_hash": config_hash(self.cfg),
+            },
+            "epoch": self.epoch,
+            "step": self.engine.step_count,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
+            "rng": rng,
+            "history": json.dumps(self.history),
+            "layer_history": json.dumps(self.layer_history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["engine"])
+        self.epoch = int(state["epoch"])
+        self.history = json.loads(state["history"])
+        self.layer_history = json.loads(state["layer_history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def load_weights_and_masks(self, path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
+        """Start from another run's checkpoint (a plasticity probe branching from its trunk):
+        weights, masks and optionally optimizer state; epoch, step and history start afresh.
+        """
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at_epoch(self.cfg, 0)
+        engine_state = dict(state["engine"])
+        engine_state["step"] = 0
+        self.engine.load_state_dict(engine_state)
+        return state
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or self.paths.checkpoint
+        save_checkpoint(self.state_dict(), path)
+        return path
+
+    def try_resume(self) -> bool:
+        """Resume from the run directory's checkpoint if there is one."""
+        if self.paths.checkpoint.is_file():
+            self.load_state_dict(load_checkpoint(self.paths.checkpoint, map_location=self.device))
+            return True
+        return False
+
+    # ------------------------------------------------------------------ loop
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            return self.model(x)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at_epoch(cfg, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        gen = _epoch_generator(cfg.run.seed, self.epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        events = pruned = regrown = 0
+        for x, y in iterate_batches(
+            self.data.train, cfg.data.batch_size, shuffle=True, generator=gen,
+            augment=self.data.augment, drop_last=True,
+        ):
+            out = self._forward(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            event = self.engine.step(len(y))
+            if event is not None:
+                events += 1
+                pruned += event["pruned"]
+                regrown += event["regrown"]
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+        return {
+            "lr": lr,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_acc": float(correct) / max(seen, 1),
+            "mask_events": float(events),
+            "pruned": float(pruned),
+            "regrown": float(regrown),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> tuple[float, float]:
+        """(loss, accuracy) on a split; (nan, nan) for an empty one."""
+        n = len(split.y)
+        if n == 0:
+            return math.nan, math.nan
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for x, y in iterate_batches(split, self.cfg.data.eval_batch_size, shuffle=False):
+            out = self._forward(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+        self.model.train()
+        return float(loss_sum) / n, float(correct) / n
+
+    def _record(self, train: dict[str, float], seconds: float) -> dict[str, Any]:
+        val_loss, val_acc = self.evaluate(self.data.val)
+        test_loss, test_acc = self.evaluate(self.data.test)
+        rec: dict[str, Any] = {"epoch": self.epoch, "step": self.engine.step_count, **train}
+        rec.update(val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc)
+        rec.update(self.engine.metrics())
+        if self.cfg.run.dead_unit_eval:
+            probe = self.data.test.x[: self.cfg.data.eval_batch_size]
+            dead = dead_relu_share(self.model, probe) if len(probe) else None
+            rec["dead_relu"] = math.nan if dead is None else dead
+        rec["epoch_seconds"] = seconds
+        prev = [h for h in self.history if not math.isnan(h["val_acc"])]
+        best = max(prev, key=lambda h: h["val_acc"], default=None)
+        if math.isnan(val_acc):
+            rec["best_val_acc"], rec["test_at_best_val"] = math.nan, math.nan
+        elif best is None or val_acc > best["val_acc"]:
+            rec["best_val_acc"], rec["test_at_best_val"] = val_acc, test_acc
+        else:
+            rec["best_val_acc"], rec["test_at_best_val"] = best["val_acc"], best["test_acc"]
+        return rec
+
+    def fit(self, *, resume: bool = True) -> dict[str, Any]:
+        """Train to ``run.epochs`` (resuming from the run directory if asked); return the summary."""
+        cfg = self.cfg
+        if resume and self.write:
+            self.try_resume()
+        if self.write:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.paths.config, dump_yaml(cfg))
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        while self.epoch < cfg.run.epochs and not self.stop:
+            t0 = time.perf_counter()
+            train = self.train_epoch()
+            self.epoch += 1
+            rec = self._record(train, time.perf_counter() - t0)
+            self.history.append(rec)
+            self.layer_history.extend(
+                {"epoch": self.epoch, "layer": name, "density": d, "numel": n}
+                for (name, d), n in zip(self.engine.layer_densities().items(), self.engine.sizes)
+            )
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, rec)
+            due = self.epoch % cfg.run.checkpoint_every == 0 or self.epoch == cfg.run.epochs
+            if self.write and (due or self.request_checkpoint or self.stop):
+                path = self.save()
+                if self.epoch in cfg.run.keep_epochs:
+                    self.save(self.paths.epoch_checkpoint(self.epoch))
+                self._write_tables()
+                for cb in self.callbacks:
+                    cb.on_checkpoint(self, path, rec)
+            self.request_checkpoint = False
+        summary = self.summary()
+        if self.write:
+            self._write_tables()
+            atomic_write_text(self.paths.summary, json.dumps(summary, indent=2))
+        for cb in self.callbacks:
+            cb.on_train_end(self, summary)
+        return summary
+
+    def _write_tables(self) -> None:
+        if self.history:
+            write_parquet(self.history, self.paths.metrics)
+            write_parquet(self.layer_history, self.paths.layers)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        keys = (
+            "epoch", "test_acc", "val_acc", "best_val_acc", "test_at_best_val", "density",
+            "density_all", "inference_flops", "inference_flops_ratio", "train_flops", "itop_rate",
+        )
+        return {
+            "run_dir": str(self.paths.root),
+            "config_hash": config_hash(self.cfg),
+            "method": self.cfg.sparsity.method,
+            **{k: last[k] for k in keys if k in last},
+        }
