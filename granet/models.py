@@ -1,0 +1,416 @@
+"""Model registry: built-in networks, torchvision models and user models by import path.
+
+``build_model(name, num_classes=..., input_shape=...)`` accepts
+
+* a registry name (:func:`available_models`): ``mlp``, ``cnn1d``, ``cnn_digits``, ``resnet20``,
+  ``resnet32``, ``resnet56``, ``vgg11``, ``vgg16``, ``vgg19``;
+* ``torchvision:<name>``: any torchvision classification model, built without weights;
+* ``package.module:function``: a user builder called as
+  ``fn(num_classes=..., input_shape=..., **kwargs)`` (each of the first two only if the signature
+  accepts it).
+
+Every nonlinearity is an ``nn.ReLU`` *module*, one per use, so forward hooks can count dead units.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "VGG",
+    "CNN1d",
+    "CNNDigits",
+    "CifarResNet",
+    "available_models",
+    "build_model",
+    "validate_model_name",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in architectures
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Fully connected network on the flattened input: Linear-ReLU per hidden size, then Linear."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: list[int] | tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, int(h)), nn.ReLU()]
+            prev = int(h)
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN1d(nn.Module):
+    """Small 1-D CNN for MNIST-1D-like sequences (C, L); ``width`` scales every channel count."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int, width: float = 1.0):
+        super().__init__()
+        c1, c2, c3 = (max(1, round(c * width)) for c in (32, 32, 64))
+        hidden = max(1, round(128 * width))
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, c1, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(c1, c2, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(c2, c3, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+        )
+        out_len = length // 2 // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c3 * out_len, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNNDigits(nn.Module):
+    """Small 2-D CNN for 8x8 images (sklearn digits): two conv blocks, one pool, two Linear."""
+
+    def __init__(
+        self, in_channels: int, height: int, width_px: int, num_classes: int, width: float = 1.0
+    ):
+        super().__init__()
+        c1, c2 = (max(1, round(c * width)) for c in (16, 32))
+        hidden = max(1, round(64 * width))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * (height // 2) * (width_px // 2), hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet block: two 3x3 convs with BN; 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, f_in: int, f_out: int, downsample: bool):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(f_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(f_out, f_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(f_out)
+        self.relu2 = nn.ReLU()
+        if downsample or f_in != f_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(f_in, f_out, 1, stride=stride, bias=False), nn.BatchNorm2d(f_out)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs (He et al. 2016): 3 stages of ``n`` blocks, ``w``/2w/4w filters."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        blocks: list[nn.Module] = []
+        current = width
+        for stage, filters in enumerate((width, 2 * width, 4 * width)):
+            for i in range(n):
+                blocks.append(BasicBlock(current, filters, downsample=stage > 0 and i == 0))
+                current = filters
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(current, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn(self.conv(x)))
+        out = self.pool(self.blocks(out))
+        return self.fc(torch.flatten(out, 1))
+
+
+VGG_CFGS: dict[int, list[int | str]] = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ],
+}
+
+
+class VGG(nn.Module):
+    """CIFAR VGG with BN (GraNet ``models/vgg.py`` style): bias-free 3x3 convs, one Linear head."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        if depth not in VGG_CFGS:
+            raise ValueError(f"VGG depth must be one of {sorted(VGG_CFGS)}, got {depth}")
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for v in VGG_CFGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [
+                    nn.Conv2d(prev, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(),
+                ]
+                prev = int(v)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # identity for 32x32 inputs (already 1x1)
+        self.classifier = nn.Linear(prev, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(self.features(x))
+        return self.classifier(torch.flatten(out, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+Builder = Callable[[int, tuple[int, ...], dict[str, Any]], nn.Module]
+
+
+def _need_dims(name: str, input_shape: tuple[int, ...], ndim: int) -> None:
+    if len(input_shape) != ndim:
+        raise ValueError(
+            f"model.name='{name}' needs a {ndim}-d per-sample input shape, got {tuple(input_shape)}"
+        )
+
+
+def _mlp(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+    hidden = kw.pop("hidden", [256, 256])
+    _no_extra("mlp", kw)
+    return MLP(math.prod(input_shape), num_classes, list(hidden))
+
+
+def _cnn1d(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+    _need_dims("cnn1d", input_shape, 2)
+    width = float(kw.pop("width", 1.0))
+    _no_extra("cnn1d", kw)
+    return CNN1d(input_shape[0], input_shape[1], num_classes, width=width)
+
+
+def _cnn_digits(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+    _need_dims("cnn_digits", input_shape, 3)
+    width = float(kw.pop("width", 1.0))
+    _no_extra("cnn_digits", kw)
+    return CNNDigits(input_shape[0], input_shape[1], input_shape[2], num_classes, width=width)
+
+
+def _resnet(depth: int) -> Builder:
+    def build(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+        _need_dims(f"resnet{depth}", input_shape, 3)
+        width = int(kw.pop("width", 16))
+        _no_extra(f"resnet{depth}", kw)
+        return CifarResNet(depth, num_classes, in_channels=input_shape[0], width=width)
+
+    return build
+
+
+def _vgg(depth: int) -> Builder:
+    def build(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+        _need_dims(f"vgg{depth}", input_shape, 3)
+        _no_extra(f"vgg{depth}", kw)
+        return VGG(depth, num_classes, in_channels=input_shape[0])
+
+    return build
+
+
+def _no_extra(name: str, kw: dict[str, Any]) -> None:
+    if kw:
+        raise ValueError(f"model.kwargs={kw!r}: not accepted by model.name='{name}'")
+
+
+_REGISTRY: dict[str, Builder] = {
+    "mlp": _mlp,
+    "cnn1d": _cnn1d,
+    "cnn_digits": _cnn_digits,
+    "resnet20": _resnet(20),
+    "resnet32": _resnet(32),
+    "resnet56": _resnet(56),
+    "vgg11": _vgg(11),
+    "vgg16": _vgg(16),
+    "vgg19": _vgg(19),
+}
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+def available_models() -> list[str]:
+    """Registry names accepted by :func:`build_model` (besides torchvision/import-path forms)."""
+    return list(_REGISTRY)
+
+
+def _allowed() -> str:
+    return ", ".join(available_models()) + ", 'torchvision:<name>' or 'package.module:function'"
+
+
+def _unknown(name: str, why: str = "unknown model") -> ValueError:
+    return ValueError(f"model.name='{name}': {why}; allowed: {_allowed()}")
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def _check_torchvision(name: str, tv_name: str) -> None:
+    names = _torchvision_names()
+    if tv_name not in names:
+        examples = ", ".join(
+            n
+            for n in (
+                "resnet18",
+                "resnet50",
+                "vgg16_bn",
+                "mobilenet_v2",
+                "efficientnet_b0",
+                "densenet121",
+            )
+            if n in names
+        )
+        raise ValueError(
+            f"model.name='{name}': unknown torchvision classification model '{tv_name}'; "
+            f"allowed: 'torchvision:<name>' with a name from torchvision.models.list_models("
+            f"module=torchvision.models), e.g. {examples}"
+        )
+
+
+def _resolve_import_path(name: str) -> Callable[..., Any]:
+    module_name, attr = name.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _unknown(name, f"cannot import module '{module_name}' ({exc})") from exc
+    if not hasattr(module, attr):
+        raise _unknown(name, f"module '{module_name}' has no attribute '{attr}'")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise _unknown(name, f"'{attr}' in module '{module_name}' is not callable")
+    return fn
+
+
+def validate_model_name(name: str) -> None:
+    """Check ``name`` without building: registry/torchvision names exist, import paths resolve.
+
+    Raises ValueError naming the value and the allowed forms.
+    """
+    if not isinstance(name, str) or not name:
+        raise _unknown(str(name), "empty or not a string")
+    if name.lower() in _REGISTRY:
+        return
+    if name.startswith("torchvision:"):
+        _check_torchvision(name, name.split(":", 1)[1])
+        return
+    if ":" in name:
+        if not _IMPORT_PATH.match(name):
+            raise _unknown(name, "malformed import path")
+        _resolve_import_path(name)
+        return
+    raise _unknown(name)
+
+
+def _call_user(
+    fn: Callable[..., Any], num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]
+) -> Any:
+    call_kw = dict(kwargs)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins etc.: pass everything
+        params = None
+    has_var_kw = params is None or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+    if has_var_kw or "num_classes" in params:
+        call_kw["num_classes"] = num_classes
+    if has_var_kw or "input_shape" in params:
+        call_kw["input_shape"] = input_shape
+    return fn(**call_kw)
+
+
+def build_model(
+    name: str, *, num_classes: int, input_shape: tuple[int, ...], kwargs: dict | None = None
+) -> nn.Module:
+    """Build the model ``name`` for ``num_classes`` outputs and per-sample ``input_shape``."""
+    kw: dict[str, Any] = dict(kwargs or {})
+    input_shape = tuple(int(d) for d in input_shape)
+    validate_model_name(name)
+    key = name.lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key](num_classes, input_shape, kw)
+    if name.startswith("torchvision:"):
+        import torchvision.models as tvm
+
+        return tvm.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes, **kw)
+    fn = _resolve_import_path(name)
+    model = _call_user(fn, num_classes, input_shape, kw)
+    if not isinstance(model, nn.Module):
+        raise _unknown(name, f"the builder returned {type(model).__name__}, not a torch.nn.Module")
+    return model

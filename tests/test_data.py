@@ -1,0 +1,178 @@
+"""Tests for granet.data: splits, determinism, shapes, CIFAR errors, batching, augmentation."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from granet.data import (
+    Split,
+    augment_cifar,
+    available_datasets,
+    iterate_batches,
+    load_dataset,
+)
+
+
+def test_available() -> None:
+    assert available_datasets() == ["mnist1d", "digits", "cifar10", "cifar100", "fake"]
+
+
+def test_mnist1d_splits_and_determinism() -> None:
+    a = load_dataset("mnist1d", seed=0)
+    b = load_dataset("mnist1d", seed=0)
+    c = load_dataset("mnist1d", seed=1)
+    assert a.input_shape == (1, 40) and a.num_classes == 10 and a.augment is None
+    assert (len(a.train), len(a.val), len(a.test)) == (3600, 400, 1000)
+    assert a.train.x.shape == (3600, 1, 40) and a.train.x.dtype == torch.float32
+    assert a.train.y.dtype == torch.int64 and set(a.train.y.tolist()) == set(range(10))
+    for s in ("train", "val", "test"):
+        assert torch.equal(getattr(a, s).x, getattr(b, s).x)
+        assert torch.equal(getattr(a, s).y, getattr(b, s).y)
+    assert torch.equal(a.test.x, c.test.x) and torch.equal(a.test.y, c.test.y)
+    assert not torch.equal(a.val.x, c.val.x)
+    # val is carved from train: train+val is the same multiset of rows for both seeds
+    sums_a = torch.cat([a.train.x, a.val.x]).flatten(1).sum(1).sort().values
+    sums_c = torch.cat([c.train.x, c.val.x]).flatten(1).sum(1).sort().values
+    assert torch.equal(sums_a, sums_c)
+
+
+def test_mnist1d_does_not_touch_global_rng_and_num_samples() -> None:
+    np.random.seed(123)
+    random.seed(123)
+    expected_np, expected_py = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    d = load_dataset("mnist1d", num_samples=500, val_fraction=0.0)
+    assert (np.random.rand(), random.random()) == (expected_np, expected_py)
+    assert (len(d.train), len(d.val), len(d.test)) == (400, 0, 100)
+    assert d.val.x.shape == (0, 1, 40) and d.val.y.dtype == torch.int64
+
+
+def test_digits() -> None:
+    d = load_dataset("digits", val_fraction=0.2, seed=3)
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10
+    assert len(d.train) + len(d.val) + len(d.test) == 1797
+    assert len(d.test) == 359 and len(d.val) == round(0.2 * (1797 - 359))
+    assert d.train.x.min().item() == 0.0 and d.train.x.max().item() == 1.0
+    other = load_dataset("digits", val_fraction=0.2, seed=4)
+    assert torch.equal(d.test.x, other.test.x)
+
+
+def test_cifar_absent_raises(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.download") as info:
+        load_dataset("cifar10", data_dir=str(tmp_path / "nothing"), download=False)
+    assert "data.data_dir=" in str(info.value)
+
+
+def test_fake() -> None:
+    d = load_dataset("fake", val_fraction=0.25)
+    assert d.input_shape == (3, 32, 32) and d.num_classes == 10
+    assert (len(d.train), len(d.val), len(d.test)) == (192, 64, 64)
+    e = load_dataset("fake", val_fraction=0.25)
+    assert torch.equal(d.train.x, e.train.x)
+    assert len(load_dataset("fake", num_samples=40, val_fraction=0.0).test) == 10
+
+
+def test_unknown_dataset_and_bad_fraction() -> None:
+    with pytest.raises(ValueError, match=r"data.name='imagenet'.*allowed: mnist1d, digits"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match=r"data\.val_fraction"):
+        load_dataset("fake", val_fraction=1.0)
+
+
+def test_dataset_to_returns_new() -> None:
+    d = load_dataset("fake", num_samples=8, val_fraction=0.0)
+    e = d.to("cpu")
+    assert e is not d and e.input_shape == d.input_shape and torch.equal(e.train.x, d.train.x)
+
+
+def _split(n: int) -> Split:
+    return Split(torch.arange(n, dtype=torch.float32).view(n, 1), torch.arange(n))
+
+
+def test_iterate_batches_covers_once_and_is_seeded() -> None:
+    s = _split(103)
+
+    def order(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        batches = list(iterate_batches(s, 10, shuffle=True, generator=g))
+        assert [len(y) for _, y in batches] == [10] * 10 + [3]
+        for x, y in batches:
+            assert torch.equal(x[:, 0].long(), y)
+        return torch.cat([y for _, y in batches]).tolist()
+
+    o1, o2, o3 = order(0), order(0), order(1)
+    assert sorted(o1) == list(range(103))
+    assert o1 == o2 and o1 != o3 and o1 != list(range(103))
+    plain = torch.cat([y for _, y in iterate_batches(s, 10, shuffle=False)]).tolist()
+    assert plain == list(range(103))
+    dropped = list(
+        iterate_batches(
+            s, 10, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+        )
+    )
+    assert len(dropped) == 10
+    assert list(iterate_batches(_split(0), 4, shuffle=True)) == []
+
+
+def test_cifar_augmentation_shape_and_determinism() -> None:
+    x = torch.randn(16, 3, 32, 32)
+    s = Split(x, torch.zeros(16, dtype=torch.int64))
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat(
+            [b for b, _ in iterate_batches(s, 8, shuffle=False, generator=g, augment="cifar")]
+        )
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _expected(img: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    """Hand-written crop of the 4-padded image at offset (dy, dx), then optional flip."""
+    _, h, w = img.shape
+    out = torch.zeros_like(img)
+    for i in range(h):
+        for j in range(w):
+            si, sj = i + dy - 4, j + dx - 4
+            if 0 <= si < h and 0 <= sj < w:
+                out[:, i, j] = img[:, si, sj]
+    return out.flip(-1) if flip else out
+
+
+def test_cifar_augmentation_matches_hand_computed() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(32, 2, 6, 5) + 1.0  # strictly positive, so zero padding is recognizable
+    out = augment_cifar(x, torch.Generator().manual_seed(7))
+    assert out.shape == x.shape
+    seen_flip = seen_plain = seen_shift = False
+    for k in range(len(x)):
+        matches = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if torch.equal(out[k], _expected(x[k], dy, dx, f))
+        ]
+        assert len(matches) == 1, f"sample {k}: {len(matches)} candidate transforms"
+        dy, dx, f = matches[0]
+        seen_flip |= f
+        seen_plain |= not f
+        seen_shift |= (dy, dx) != (4, 4)
+    assert seen_flip and seen_plain and seen_shift
+    # the draws are exactly: offsets dy, dx in [0, 8], then flip mask, from the generator
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randint(0, 9, (32,), generator=g)
+    dx = torch.randint(0, 9, (32,), generator=g)
+    flip = torch.rand(32, generator=g) < 0.5
+    assert torch.equal(out[0], _expected(x[0], int(dy[0]), int(dx[0]), bool(flip[0])))
+
+
+def test_iterate_batches_rejects_unknown_augment() -> None:
+    with pytest.raises(ValueError, match="augment"):
+        next(iterate_batches(_split(4), 2, shuffle=False, augment="mixup"))

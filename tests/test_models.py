@@ -1,0 +1,142 @@
+"""Tests for granet.models: shapes, parameter counts, torchvision and user models, bad names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from granet.models import available_models, build_model, validate_model_name
+
+SHAPES = {
+    "mlp": (1, 40),
+    "cnn1d": (1, 40),
+    "cnn_digits": (1, 8, 8),
+    "resnet20": (3, 32, 32),
+    "resnet32": (3, 32, 32),
+    "resnet56": (3, 32, 32),
+    "vgg11": (3, 32, 32),
+    "vgg16": (3, 32, 32),
+    "vgg19": (3, 32, 32),
+}
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_registry_lists_all_names() -> None:
+    assert sorted(available_models()) == sorted(SHAPES)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_output_shape(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, input_shape=SHAPES[name])
+    out = model(torch.randn(3, *SHAPES[name]))
+    assert out.shape == (3, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_param_counts() -> None:
+    assert (
+        260_000
+        <= n_params(build_model("resnet20", num_classes=10, input_shape=(3, 32, 32)))
+        <= 280_000
+    )
+    assert (
+        19_900_000
+        <= n_params(build_model("vgg19", num_classes=10, input_shape=(3, 32, 32)))
+        <= 20_100_000
+    )
+    # cnn1d: 32*1*5+32 + 32*32*3+32 + 64*32*3+64 + 640*128+128 + 128*10+10
+    assert n_params(build_model("cnn1d", num_classes=10, input_shape=(1, 40))) == 92_842
+
+
+def test_relu_modules_are_distinct() -> None:
+    for name in ("mlp", "cnn1d", "resnet20", "vgg11"):
+        model = build_model(name, num_classes=10, input_shape=SHAPES[name])
+        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+        assert len(relus) >= 2
+        assert len({id(r) for r in relus}) == len(relus)
+    # resnet20: stem ReLU + 2 per block * 9 blocks
+    resnet = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))
+    assert sum(isinstance(m, nn.ReLU) for m in resnet.modules()) == 19
+
+
+def test_mlp_hidden_kwarg_and_width() -> None:
+    mlp = build_model("mlp", num_classes=4, input_shape=(1, 8, 8), kwargs={"hidden": [32]})
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(64, 32), (32, 4)]
+    narrow = build_model("cnn1d", num_classes=10, input_shape=(1, 40), kwargs={"width": 0.5})
+    assert narrow(torch.randn(2, 1, 40)).shape == (2, 10)
+    assert n_params(narrow) < 92_842 / 2
+
+
+def test_resnet_projection_shortcuts_and_channels() -> None:
+    model = build_model("resnet20", num_classes=100, input_shape=(1, 32, 32))
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    one_by_one = [c for c in convs if c.kernel_size == (1, 1)]
+    assert [(c.in_channels, c.out_channels) for c in one_by_one] == [(16, 32), (32, 64)]
+
+
+def test_vgg19_structure() -> None:
+    model = build_model("vgg19", num_classes=10, input_shape=(3, 32, 32))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 16 and all(c.bias is None for c in convs)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 512
+
+
+def test_torchvision_model() -> None:
+    model = build_model("torchvision:resnet18", num_classes=7, input_shape=(3, 32, 32))
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_user_model_by_import_path() -> None:
+    model = build_model("tests.fixtures.user_model:tiny_net", num_classes=5, input_shape=(1, 40))
+    assert model(torch.randn(4, 1, 40)).shape == (4, 5)
+    validate_model_name("tests.fixtures.user_model:tiny_net")
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("foo", "unknown model"),
+        ("torchvision:not_a_model", "unknown torchvision"),
+        ("no_such_pkg.mod:fn", "cannot import module"),
+        ("tests.fixtures.user_model:missing", "has no attribute"),
+        ("tests.fixtures.user_model:NOT_CALLABLE", "not callable"),
+        ("bad path:fn", "malformed"),
+    ],
+)
+def test_bad_names_raise(name: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        validate_model_name(name)
+    msg = str(info.value)
+    assert f"model.name='{name}'" in msg and fragment in msg
+    with pytest.raises(ValueError):
+        build_model(name, num_classes=10, input_shape=(1, 40))
+
+
+def test_unknown_message_lists_allowed() -> None:
+    with pytest.raises(ValueError, match="allowed: mlp, cnn1d, ") as info:
+        build_model("foo", num_classes=10, input_shape=(1, 40))
+    assert "'torchvision:<name>' or 'package.module:function'" in str(info.value)
+
+
+def test_user_builder_returning_non_module() -> None:
+    with pytest.raises(ValueError, match=r"not a torch\.nn\.Module"):
+        build_model("tests.fixtures.user_model:not_a_module", num_classes=3, input_shape=(1, 40))
+
+
+def test_unknown_kwarg_rejected() -> None:
+    with pytest.raises(ValueError, match=r"model\.kwargs"):
+        build_model("vgg19", num_classes=10, input_shape=(3, 32, 32), kwargs={"depth": 3})
+
+
+def test_validate_accepts_good_names() -> None:
+    for name in [*available_models(), "RESNET20", "torchvision:resnet18"]:
+        validate_model_name(name)
