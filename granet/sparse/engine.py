@@ -42,7 +42,9 @@ class MaskedLayer:
     param: nn.Parameter
 
 
-def prunable_layers(model: nn.Module, dense_layers: list[str] | tuple[str, ...] = ()) -> list[MaskedLayer]:
+def prunable_layers(
+    model: nn.Module, dense_layers: list[str] | tuple[str, ...] = ()
+) -> list[MaskedLayer]:
     """Every Conv1d/2d/3d and Linear weight of ``model`` except the ones named in ``dense_layers``.
 
     ``dense_layers`` holds exact module names or the keywords ``first`` / ``last`` (the first and
@@ -73,7 +75,9 @@ def prunable_layers(model: nn.Module, dense_layers: list[str] | tuple[str, ...] 
             )
     kept = [f for f in found if f.name not in excluded]
     if not kept:
-        raise ValueError("sparsity.dense_layers: excludes every prunable layer; nothing to sparsify")
+        raise ValueError(
+            "sparsity.dense_layers: excludes every prunable layer; nothing to sparsify"
+        )
     return kept
 
 
@@ -123,9 +127,10 @@ class SparseEngine:
         self.last_event: dict[str, Any] = {}
 
         start = round(cfg.prune_start_epoch * self.steps_per_epoch)
-        end = round(cfg.prune_end_epoch * self.steps_per_epoch) if self.preset.gradual_prune else max(
-            self.total_steps, start + 1
-        )
+        if self.preset.gradual_prune:
+            end = round(cfg.prune_end_epoch * self.steps_per_epoch)
+        else:
+            end = max(self.total_steps, start + 1)
         self.window = PruneWindow(start, max(end, start + 1), cfg.update_interval)
         if self.preset.gradual_prune and self.window.n < 1 and not cfg.compat_floored_schedule:
             raise ValueError(
@@ -151,7 +156,7 @@ class SparseEngine:
             dens = layer_densities(shapes, start_density, cfg.distribution)
             self.masks = [
                 random_mask(layer.param.shape, round(d * n), self.generator, layer.param.device)
-                for layer, d, n in zip(self.layers, dens, self.sizes)
+                for layer, d, n in zip(self.layers, dens, self.sizes, strict=True)
             ]
         else:
             self.masks = [torch.ones_like(layer.param, dtype=torch.bool) for layer in self.layers]
@@ -161,6 +166,12 @@ class SparseEngine:
         # While every mask is all-ones (dense phase of dense-to-sparse), masking is an identity:
         # skip it so the dense phase costs exactly a dense step.
         self.masking_active = start_density < 1.0
+        # SNFS-style momentum growth needs the momentum of the *dense* gradient: the optimizer's
+        # own buffers are zero at inactive positions by the masking contract, so the engine keeps
+        # an exponential average (β = 0.9) of the dense gradient, only when growth is momentum.
+        self.grad_momentum: list[torch.Tensor] | None = None
+        if self.growth == "momentum":
+            self.grad_momentum = [torch.zeros_like(p) for p in self.params]
         self._dense_flops: list[int] | None = None
         self._other_flops = 0
         if input_shape is not None:
@@ -178,7 +189,7 @@ class SparseEngine:
         if self.optimizer is None:
             return tensors, masks
         state = self.optimizer.state
-        for layer, m in zip(self.layers, self.masks):
+        for layer, m in zip(self.layers, self.masks, strict=True):
             st = state.get(layer.param)
             if not st:
                 continue
@@ -206,6 +217,14 @@ class SparseEngine:
         steps and ``None`` otherwise.
         """
         self.apply_masks()
+        if self.grad_momentum is not None:
+            pairs = [
+                (m, p.grad) for m, p in zip(self.grad_momentum, self.params) if p.grad is not None
+            ]
+            if pairs:
+                ema, grads = [m for m, _ in pairs], [g for _, g in pairs]
+                torch._foreach_mul_(ema, 0.9)
+                torch._foreach_add_(ema, grads, alpha=0.1)
         self.step_count += 1
         batch = self.batch_size if batch_size is None else batch_size
         if self._dense_flops is not None:
@@ -219,9 +238,13 @@ class SparseEngine:
             target = gmp_sparsity(
                 t, self.s_i, self.s_f, self.window, compat=cfg.compat_floored_schedule
             )
-        regen = self.preset.regenerate and is_update_step(
-            t, self.window.start, self.window.interval, self.regen_end
-        )
+        if cfg.compat_floored_schedule:
+            # The reference's grid: every multiple of Δt from t_0 on, where it prunes too.
+            dt, end = self.window.interval, self.regen_end
+            on_grid = t % dt == 0 and t >= self.window.start and (end is None or t <= end)
+        else:
+            on_grid = is_update_step(t, self.window.start, self.window.interval, self.regen_end)
+        regen = self.preset.regenerate and on_grid
         if target is None and not regen:
             return None
         event: dict[str, Any] = {"step": t, "target_sparsity": target, "pruned": 0, "regrown": 0}
@@ -249,8 +272,10 @@ class SparseEngine:
     # ------------------------------------------------------------------ mask updates
     @torch.no_grad()
     def _set_masks(self, new_masks: list[torch.Tensor]) -> None:
-        self.masks = [m.to(layer.param.device) for m, layer in zip(new_masks, self.layers)]
-        for e, m in zip(self.ever_active, self.masks):
+        self.masks = [
+            m.to(layer.param.device) for m, layer in zip(new_masks, self.layers, strict=True)
+        ]
+        for e, m in zip(self.ever_active, self.masks, strict=True):
             e |= m
         self.masking_active = True
         self._refresh_counts()
@@ -273,13 +298,19 @@ class SparseEngine:
             floor = None
             if self.cfg.min_layer_density > 0:
                 floor = [math.ceil(self.cfg.min_layer_density * n) for n in self.sizes]
+                if sum(floor) > keep:
+                    raise ValueError(
+                        f"sparsity.min_layer_density={self.cfg.min_layer_density}: the per-layer "
+                        f"floors keep {sum(floor)} weights, more than the {keep} allowed at "
+                        f"sparsity {sparsity:.4f}"
+                    )
             new = global_magnitude(self._weights(), self.masks, keep, min_keep=floor)
         elif scope == "layerwise":
             keeps = [round(n * (1.0 - sparsity)) for n in self.sizes]
             new = layerwise_magnitude(self._weights(), self.masks, keeps)
         else:
             raise ValueError(f"sparsity.prune_scope={scope!r}: must be global or layerwise")
-        self._set_masks([m & k for m, k in zip(self.masks, new)])
+        self._set_masks([m & k for m, k in zip(self.masks, new, strict=True)])
         return before - sum(self.nnz)
 
     @torch.no_grad()
@@ -306,8 +337,13 @@ class SparseEngine:
             new = layerwise_magnitude(self._weights(), self.masks, keeps)
         else:
             raise ValueError(f"scope={scope!r}: must be global or layerwise")
-        self._set_masks([m & k for m, k in zip(self.masks, new)])
-        return [b - a for b, a in zip(before, self.nnz)]
+        self._set_masks([m & k for m, k in zip(self.masks, new, strict=True)])
+        return [b - a for b, a in zip(before, self.nnz, strict=True)]
+
+    def _momentum_of(self, layer: MaskedLayer) -> torch.Tensor | None:
+        if self.grad_momentum is None:
+            return None
+        return next(m for m, x in zip(self.grad_momentum, self.layers) if x is layer)
 
     @torch.no_grad()
     def regrow(self, counts: list[int], mode: str | None = None) -> int:
@@ -317,11 +353,12 @@ class SparseEngine:
         """
         mode = mode or self.growth
         new = []
-        for layer, m, c in zip(self.layers, self.masks, counts):
+        for layer, m, c in zip(self.layers, self.masks, counts, strict=True):
             if c <= 0:
                 new.append(m)
                 continue
-            score = growth_scores(mode, layer.param, self.optimizer, self.generator)
+            score = growth_scores(mode, layer.param, self.optimizer, self.generator,
+                                  self._momentum_of(layer))
             score = torch.where(m, torch.full_like(score, -math.inf), score)
             new.append(m | topk_mask(score, int(c)))
         before = sum(self.nnz)
@@ -337,14 +374,15 @@ class SparseEngine:
         """
         new = []
         regrown = 0
-        for layer, m, nnz in zip(self.layers, self.masks, self.nnz):
+        for layer, m, nnz in zip(self.layers, self.masks, self.nnz, strict=True):
             r = math.ceil(ratio * nnz)
             if r <= 0 or nnz == 0:
                 new.append(m)
                 continue
             w = layer.param.detach()
             keep = topk_mask(torch.where(m, w.abs(), torch.full_like(w, -1.0)), nnz - r)
-            score = growth_scores(self.growth, layer.param, self.optimizer, self.generator)
+            score = growth_scores(self.growth, layer.param, self.optimizer, self.generator,
+                                  self._momentum_of(layer))
             score = torch.where(keep, torch.full_like(score, -math.inf), score)
             grown = topk_mask(score, r)
             new.append(keep | grown)
@@ -371,7 +409,7 @@ class SparseEngine:
     def _compute_sparse_flops(self) -> float:
         assert self._dense_flops is not None
         return self._other_flops + sum(
-            f * nnz / n for f, nnz, n in zip(self._dense_flops, self.nnz, self.sizes)
+            f * nnz / n for f, nnz, n in zip(self._dense_flops, self.nnz, self.sizes, strict=True)
         )
 
     @property
@@ -398,7 +436,10 @@ class SparseEngine:
         return (n_all - self.total + sum(self.nnz)) / n_all
 
     def layer_densities(self) -> dict[str, float]:
-        return {layer.name: nnz / n for layer, nnz, n in zip(self.layers, self.nnz, self.sizes)}
+        return {
+            layer.name: nnz / n
+            for layer, nnz, n in zip(self.layers, self.nnz, self.sizes, strict=True)
+        }
 
     def itop_rate(self) -> float:
         """In-time over-parameterisation: share of masked weights ever active."""
@@ -449,6 +490,9 @@ class SparseEngine:
             "pruned_total": self.pruned_total,
             "regrown_total": self.regrown_total,
             "masking_active": self.masking_active,
+            "grad_momentum": (
+                [m.clone() for m in self.grad_momentum] if self.grad_momentum is not None else []
+            ),
         }
 
     @torch.no_grad()
@@ -456,11 +500,16 @@ class SparseEngine:
         names = [layer.name for layer in self.layers]
         if list(state["layer_names"]) != names:
             raise ValueError(
-                f"engine state is for layers {state['layer_names'][:3]}..., model has {names[:3]}..."
+                f"engine state is for layers {state['layer_names'][:3]}..., "
+                f"model has {names[:3]}..."
             )
-        self.masks = [m.to(layer.param.device).bool() for m, layer in zip(state["masks"], self.layers)]
+        self.masks = [
+            m.to(layer.param.device).bool()
+            for m, layer in zip(state["masks"], self.layers, strict=True)
+        ]
         self.ever_active = [
-            e.to(layer.param.device).bool() for e, layer in zip(state["ever_active"], self.layers)
+            e.to(layer.param.device).bool()
+            for e, layer in zip(state["ever_active"], self.layers, strict=True)
         ]
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
@@ -468,5 +517,9 @@ class SparseEngine:
         self.pruned_total = int(state["pruned_total"])
         self.regrown_total = int(state["regrown_total"])
         self.masking_active = bool(state["masking_active"])
+        if self.grad_momentum is not None and state.get("grad_momentum"):
+            self.grad_momentum = [
+                m.to(layer.param.device) for m, layer in zip(state["grad_momentum"], self.layers)
+            ]
         self._refresh_counts()
         self.apply_masks()

@@ -14,17 +14,21 @@ def growth_scores(
     param: torch.nn.Parameter,
     optimizer: torch.optim.Optimizer | None,
     generator: torch.Generator,
+    momentum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score of every position of ``param`` for regrowth (higher is grown first).
 
     gradient: |∂L/∂w| of the current minibatch, dense because inactive weights are exact zeros in
-    the forward pass, not masked inside it. momentum: |SGD momentum buffer| or |Adam first moment|
-    (falls back to |grad| when the optimizer keeps none yet). random: uniform draws from the
+    the forward pass, not masked inside it. momentum: |``momentum``|, the engine's exponential
+    average of the dense gradient (SNFS); without it, |SGD momentum buffer| or |Adam first moment|,
+    which are zero at inactive positions under the masking contract (falls back to |grad|). random: uniform draws from the
     engine's seeded generator, so random growth is reproducible and resumable.
     """
     if mode == "random":
         return torch.rand(param.shape, generator=generator).to(param.device)
     grad = param.grad
+    if mode == "momentum" and momentum is not None:
+        return momentum.detach().abs().float()
     if mode == "momentum" and optimizer is not None:
         state = optimizer.state.get(param, {})
         buf = state.get("momentum_buffer", state.get("exp_avg"))

@@ -20,7 +20,9 @@ def _raw_score(shape: Sequence[int], distribution: str) -> float:
     raise ValueError(f"sparsity.distribution={distribution!r}: must be one of uniform, er, erk")
 
 
-def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str) -> list[float]:
+def layer_densities(
+    shapes: Sequence[Sequence[int]], density: float, distribution: str
+) -> list[float]:
     """Per-layer densities whose weighted total is ``density``.
 
     ER/ERK: d_l = ε · raw_l with ε solved so Σ d_l n_l = density · N; any layer whose d_l would

@@ -38,7 +38,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _active_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # |w| for active entries, -1 for inactive ones: an inactive weight is never preferred.
-    return torch.where(mask, weight.detach().abs(), torch.full_like(weight, -1.0, dtype=weight.dtype))
+    w = weight.detach()
+    return torch.where(mask, w.abs(), torch.full_like(w, -1.0))
 
 
 def global_magnitude(
@@ -53,9 +54,9 @@ def global_magnitude(
     ``keep`` is clamped to the number of active weights (pruning never revives a weight).
     ``min_keep[l]`` protects the layer's largest weights (a per-layer density floor).
     """
-    scores = [_active_scores(w, m).flatten() for w, m in zip(weights, masks)]
+    scores = [_active_scores(w, m).flatten() for w, m in zip(weights, masks, strict=True)]
     if min_keep is not None:
-        for i, (s, m) in enumerate(zip(scores, masks)):
+        for i, (s, m) in enumerate(zip(scores, masks, strict=True)):
             floor = min(int(min_keep[i]), int(m.sum()))
             if floor > 0:
                 protect = topk_mask(s, floor)
@@ -76,7 +77,7 @@ def layerwise_magnitude(
 ) -> list[torch.Tensor]:
     """Each layer keeps exactly ``keeps[l]`` (clamped to its active count) of its largest |w|."""
     out = []
-    for w, m, k in zip(weights, masks, keeps):
+    for w, m, k in zip(weights, masks, keeps, strict=True):
         out.append(topk_mask(_active_scores(w, m), min(int(k), int(m.sum()))))
     return out
 
@@ -98,11 +99,11 @@ def filter_prune(
     whose output units are the classes).
     """
     skip = list(skip) if skip is not None else [False] * len(weights)
-    l1 = [(w.detach().abs() * m).flatten(1).sum(1) for w, m in zip(weights, masks)]
+    l1 = [(w.detach().abs() * m).flatten(1).sum(1) for w, m in zip(weights, masks, strict=True)]
     alive = [m.flatten(1).any(1) for m in masks]
     remove: list[torch.Tensor] = [torch.zeros_like(a) for a in alive]
     if scope == "layerwise":
-        for i, (score, a) in enumerate(zip(l1, alive)):
+        for i, (score, a) in enumerate(zip(l1, alive, strict=True)):
             n_alive = int(a.sum())
             k = min(round(ratio * n_alive), n_alive - 1)
             if skip[i] or k <= 0:
@@ -111,7 +112,7 @@ def filter_prune(
             remove[i] = topk_mask(s, k)
     elif scope == "global":
         entries = []  # (mean |w|, layer, filter, active count)
-        for i, (score, a, m) in enumerate(zip(l1, alive, masks)):
+        for i, (score, a, m) in enumerate(zip(l1, alive, masks, strict=True)):
             if skip[i]:
                 continue
             counts = m.flatten(1).sum(1)
@@ -131,4 +132,4 @@ def filter_prune(
             removed += c
     else:
         raise ValueError(f"scope={scope!r}: must be global or layerwise")
-    return [m & ~r.view(-1, *([1] * (m.dim() - 1))) for m, r in zip(masks, remove)]
+    return [m & ~r.view(-1, *([1] * (m.dim() - 1))) for m, r in zip(masks, remove, strict=True)]

@@ -1,7 +1,7 @@
 """Pure schedule functions: cubic gradual sparsity (GMP, paper Eq. 1) and the regeneration rate.
 
-All steps are optimizer steps counted from 1 (the counter is advanced after each ``optimizer.step``),
-so an event at step t happens right after the t-th optimizer step.
+All steps are optimizer steps counted from 1 (the counter is advanced after each
+``optimizer.step``), so an event at step t happens right after the t-th optimizer step.
 """
 
 from __future__ import annotations
