@@ -219,7 +219,8 @@ class SparseEngine:
         self.apply_masks()
         if self.grad_momentum is not None:
             pairs = [
-                (m, p.grad) for m, p in zip(self.grad_momentum, self.params) if p.grad is not None
+                (m, p.grad) for m, p in zip(self.grad_momentum, self.params, strict=True)
+                if p.grad is not None
             ]
             if pairs:
                 ema, grads = [m for m, _ in pairs], [g for _, g in pairs]
@@ -343,7 +344,7 @@ class SparseEngine:
     def _momentum_of(self, layer: MaskedLayer) -> torch.Tensor | None:
         if self.grad_momentum is None:
             return None
-        return next(m for m, x in zip(self.grad_momentum, self.layers) if x is layer)
+        return next(m for m, x in zip(self.grad_momentum, self.layers, strict=True) if x is layer)
 
     @torch.no_grad()
     def regrow(self, counts: list[int], mode: str | None = None) -> int:
@@ -519,7 +520,8 @@ class SparseEngine:
         self.masking_active = bool(state["masking_active"])
         if self.grad_momentum is not None and state.get("grad_momentum"):
             self.grad_momentum = [
-                m.to(layer.param.device) for m, layer in zip(state["grad_momentum"], self.layers)
+                m.to(layer.param.device)
+                for m, layer in zip(state["grad_momentum"], self.layers, strict=True)
             ]
         self._refresh_counts()
         self.apply_masks()

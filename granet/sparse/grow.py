@@ -21,8 +21,9 @@ def growth_scores(
     gradient: |∂L/∂w| of the current minibatch, dense because inactive weights are exact zeros in
     the forward pass, not masked inside it. momentum: |``momentum``|, the engine's exponential
     average of the dense gradient (SNFS); without it, |SGD momentum buffer| or |Adam first moment|,
-    which are zero at inactive positions under the masking contract (falls back to |grad|). random: uniform draws from the
-    engine's seeded generator, so random growth is reproducible and resumable.
+    which are zero at inactive positions under the masking contract (falls back to |grad|).
+    random: uniform draws from the engine's seeded generator, so random growth is reproducible
+    and resumable.
     """
     if mode == "random":
         return torch.rand(param.shape, generator=generator).to(param.device)
