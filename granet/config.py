@@ -6,7 +6,8 @@ result; every invalid value raises :class:`ConfigError` naming the field, the va
 allowed, before anything is trained or written.
 
 The config hash is the SHA-256 of the canonical JSON of the *non-default* values, so adding a new
-field with a default does not rename existing runs (the open_lth convention).
+field with a default does not rename existing runs (the open_lth convention); the locations
+``run.output_dir`` and ``data.data_dir`` are left out of it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value. The message names the field, the value and what is allowed."""
+    """An invalid configuration value; the message names the field, the value and what is
+    allowed."""
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -68,7 +70,9 @@ class DataConfig:
     val_fraction: float = _help("share of the training set held out for validation", 0.1)
     batch_size: int = _help("training batch size", 128)
     eval_batch_size: int = _help("evaluation batch size", 1000)
-    num_samples: int | None = _help("mnist1d/fake: number of samples generated (None: default)", None)
+    num_samples: int | None = _help(
+        "mnist1d/fake: number of samples generated (None: default)", None
+    )
     augment: bool = _help("CIFAR: random crop + horizontal flip", True)
 
 
@@ -113,7 +117,9 @@ class SparsityConfig:
     regen_ratio: float = _help("r_0: initial regeneration ratio", 0.5)
     regen_min: float = _help("r_min: final regeneration ratio", 0.005)
     regen_decay: str = _help("regeneration decay: cosine, linear, constant", "cosine")
-    regen_stop_at_prune_end: bool = _help("stop regenerating at t_f (reference: keeps going)", False)
+    regen_stop_at_prune_end: bool = _help(
+        "stop regenerating at t_f (reference: keeps going)", False
+    )
     growth: str | None = _help("growth score: gradient, random, momentum (None: method default)",
                                None)
     dense_layers: list[str] = _help(
@@ -178,6 +184,12 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path}={value!r}: must be an integer")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot ("1e-3") as strings; accept any float literal.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}={value!r}: must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: must be a number")
         value = float(value)
@@ -209,7 +221,9 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{path}: unknown field; allowed: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"{path}={data[unknown[0]]!r}: unknown field; allowed: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -233,13 +247,21 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _non_default(cfg: Any) -> dict[str, Any]:
+# Where a run lives, not what it computes: left out of the hash, so the same experiment has the
+# same hash under any output or data directory.
+HASH_EXCLUDED = ("run.output_dir", "data.data_dir")
+
+
+def _non_default(cfg: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     default = type(cfg)()
     for f in fields(cfg):
+        path = f"{prefix}{f.name}"
+        if path in HASH_EXCLUDED:
+            continue
         value, ref = getattr(cfg, f.name), getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            sub = _non_default(value)
+            sub = _non_default(value, f"{path}.")
             if sub:
                 out[f.name] = sub
         elif value != ref:
@@ -248,7 +270,8 @@ def _non_default(cfg: Any) -> dict[str, Any]:
 
 
 def config_hash(cfg: Any, length: int = 12) -> str:
-    """Stable hash: SHA-256 of the canonical JSON of the non-default values."""
+    """Stable hash: SHA-256 of the canonical JSON of the non-default values (except the
+    locations in ``HASH_EXCLUDED``)."""
     canon = json.dumps(_non_default(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:length]
 
@@ -287,18 +310,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
             names = {f.name: f for f in fields(node_cls)}
             if part not in names:
                 where = ".".join(parts[: i + 1])
-                raise ConfigError(f"{where}: unknown field; allowed: {', '.join(sorted(names))}")
+                raise ConfigError(
+                    f"--set {text!r}: {where}: unknown field; allowed: {', '.join(sorted(names))}"
+                )
             hint = get_type_hints(node_cls)[part]
             last = i == len(parts) - 1
             if dataclasses.is_dataclass(hint):
                 if last:
-                    raise ConfigError(f"{key}: is a group; set one of its fields, e.g. {key}.x=1")
-                node = node.setdefault(part, {})
+                    raise ConfigError(
+                        f"--set {text!r}: {key} is a group; set one of its fields, e.g. {key}.x=1"
+                    )
+                if node.get(part) is None:  # absent, or an empty group ("optim:") in the file
+                    node[part] = {}
+                node = node[part]
                 if not isinstance(node, dict):
-                    raise ConfigError(f"{'.'.join(parts[: i + 1])}: must be a mapping")
+                    where = ".".join(parts[: i + 1])
+                    raise ConfigError(f"{where}={node!r}: must be a mapping")
                 node_cls = hint
             elif not last:
-                raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} has no sub-fields")
+                raise ConfigError(
+                    f"--set {text!r}: {key}: {'.'.join(parts[: i + 1])} has no sub-fields"
+                )
             else:
                 node[part] = value
     return data
@@ -355,6 +387,9 @@ def validate(cfg: Config) -> None:
     from granet.models import validate_model_name
 
     d, m, o, s, r = cfg.data, cfg.model, cfg.optim, cfg.sparsity, cfg.run
+    # First: the milestone, warm-up and pruning-window checks below are relative to it.
+    if r.epochs < 1:
+        raise ConfigError(f"run.epochs={r.epochs!r}: must be >= 1")
     _choice("data.name", d.name, tuple(available_datasets()))
     _range("data.val_fraction", d.val_fraction, 0.0, 1.0, hi_open=True)
     _positive("data.batch_size", d.batch_size)
@@ -375,7 +410,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={o.betas!r}: must be two numbers in [0, 1)")
     _range("optim.weight_decay", o.weight_decay, 0.0, 1.0)
     _choice("optim.schedule", o.schedule, LR_SCHEDULES)
-    if any(b <= a for a, b in zip(o.milestones, o.milestones[1:])):
+    if any(b <= a for a, b in zip(o.milestones, o.milestones[1:], strict=False)):
         raise ConfigError(f"optim.milestones={o.milestones!r}: must be strictly increasing")
     if any(ms <= 0 or ms > r.epochs for ms in o.milestones) and o.schedule == "multistep":
         raise ConfigError(
@@ -425,8 +460,6 @@ def validate(cfg: Config) -> None:
     if s.growth == "momentum" and o.name == "sgd" and o.momentum == 0:
         raise ConfigError("sparsity.growth='momentum': needs optim.momentum > 0 (or adamw)")
 
-    if r.epochs < 1:
-        raise ConfigError(f"run.epochs={r.epochs!r}: must be >= 1")
     _choice("run.device", r.device, DEVICES)
     if r.checkpoint_every < 1:
         raise ConfigError(f"run.checkpoint_every={r.checkpoint_every!r}: must be >= 1")

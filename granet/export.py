@@ -61,7 +61,7 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
     cfg: Config = config_from_dict(yaml.safe_load(paths.config.read_text()))
     ckpt = load_checkpoint(paths.checkpoint)
     names = ckpt["engine"]["layer_names"]
-    masks = {f"{n}.weight": m for n, m in zip(names, ckpt["engine"]["masks"])}
+    masks = {f"{n}.weight": m for n, m in zip(names, ckpt["engine"]["masks"], strict=True)}
     state = {k: v.clone() for k, v in ckpt["model"].items()}
     for key, m in masks.items():
         state[key].mul_(m)  # already zero; applied again so the export never depends on it

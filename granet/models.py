@@ -392,6 +392,13 @@ def _call_user(
         call_kw["num_classes"] = num_classes
     if has_var_kw or "input_shape" in params:
         call_kw["input_shape"] = input_shape
+    if params is not None and not has_var_kw:
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"model.kwargs={kwargs!r}: {', '.join(unknown)} not accepted by the user model "
+                f"builder; it takes {', '.join(params) or 'no arguments'}"
+            )
     return fn(**call_kw)
 
 

@@ -227,9 +227,20 @@ class Trainer:
         return path
 
     def try_resume(self) -> bool:
-        """Resume from the run directory's checkpoint if there is one."""
+        """Resume from the run directory's checkpoint if there is one.
+
+        Raises ValueError (before anything is written) if the checkpoint is of another config.
+        """
         if self.paths.checkpoint.is_file():
-            self.load_state_dict(load_checkpoint(self.paths.checkpoint, map_location=self.device))
+            state = load_checkpoint(self.paths.checkpoint, map_location=self.device)
+            saved, current = state.get("meta", {}).get("config_hash"), config_hash(self.cfg)
+            if saved is not None and saved != current:
+                raise ValueError(
+                    f"run directory {str(self.paths.root)!r}: its checkpoint.pt is of another "
+                    f"config (hash {saved}; this config: {current}); train into another run "
+                    f"directory, or pass --fresh to start this one over"
+                )
+            self.load_state_dict(state)
             return True
         return False
 
@@ -316,7 +327,8 @@ class Trainer:
         return rec
 
     def fit(self, *, resume: bool = True) -> dict[str, Any]:
-        """Train to ``run.epochs`` (resuming from the run directory if asked); return the summary."""
+        """Train to ``run.epochs`` (resuming from the run directory if asked); return the
+        summary."""
         cfg = self.cfg
         if resume and self.write:
             self.try_resume()
@@ -333,7 +345,9 @@ class Trainer:
             self.history.append(rec)
             self.layer_history.extend(
                 {"epoch": self.epoch, "layer": name, "density": d, "numel": n}
-                for (name, d), n in zip(self.engine.layer_densities().items(), self.engine.sizes)
+                for (name, d), n in zip(
+                    self.engine.layer_densities().items(), self.engine.sizes, strict=True
+                )
             )
             for cb in self.callbacks:
                 cb.on_epoch_end(self, rec)

@@ -1,4 +1,5 @@
-"""Engine tests run tiny models: one intra-op thread is faster and immune to CPU contention."""
+"""Tests run tiny models: one intra-op thread is faster, immune to CPU contention, and makes
+numbers independent of the machine's core count. Ray trial workers set their own threads."""
 
 from __future__ import annotations
 

@@ -1,0 +1,266 @@
+"""The trainer: exact resume in a new process, user models by import path, LR schedule, probes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from granet.cli import main
+from granet.config import config_hash, load_config
+from granet.io import load_checkpoint
+from granet.trainer import Callback, Trainer, lr_at_epoch, run_dir_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small models: one intra-op thread is as fast and does not collapse on a loaded 2-core
+    # machine. The resumed subprocess uses the same count (OMP_NUM_THREADS=1) so the float
+    # reductions, and hence the bits, are the same.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _granet_cli() -> list[str]:
+    script = Path(sys.executable).with_name("granet")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "granet.cli"]
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Recursive exact equality: tensors bit for bit (and dtype), floats exactly (nan == nan)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+def _rows(path: Path, drop: tuple[str, ...] = ("epoch_seconds",)) -> list[dict]:
+    rows = pq.read_table(path).to_pylist()
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+class StopAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.epoch == self.epoch:
+            trainer.stop = True
+
+
+# 2000 MNIST-1D samples: 1440 train -> 11 steps/epoch, 66 steps in 6 epochs. Δt = 4 steps and
+# pruning over epochs 0..5: prune + regeneration events at steps 4, 8, ..., 52, regeneration only
+# at 56, 60, 64; the split after epoch 3 (step 33) has both kinds on both sides.
+RESUME_BASE = {
+    "data": {"name": "mnist1d", "num_samples": 2000},
+    "model": {"name": "cnn1d", "kwargs": {"width": 0.5}},
+    "optim": {"lr": 0.05, "milestones": [4]},
+    "sparsity": {"method": "granet", "final_density": 0.1, "update_interval": 4,
+                 "prune_end_epoch": 5},
+    "run": {"epochs": 6, "seed": 3, "keep_epochs": [3]},
+}
+VARIANTS = {
+    # GraNet as in the paper: dense start, gradient regrowth, SGD (momentum state).
+    "granet_gradient_sgd": {},
+    # Sparse start (random ERK mask from the engine generator), random regrowth (the generator
+    # again, at every event), AdamW (two moment tensors + step per parameter).
+    "granet_random_adamw": {
+        "optim": {"name": "adamw", "lr": 0.003, "milestones": [4]},
+        "sparsity": {"init_density": 0.5, "growth": "random"},
+    },
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for group, values in extra.items():
+        out.setdefault(group, {}).update(values)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_in_a_new_process_is_exact(variant: str, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_merge(RESUME_BASE, VARIANTS[variant])))
+    cfg = load_config(cfg_path)
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+
+    # Six epochs without a break.
+    Trainer(cfg, run_dir=straight_dir).fit()
+
+    # Three epochs, stopped by a callback (the trainer checkpoints when stop is set) ...
+    part = Trainer(cfg, run_dir=split_dir, callbacks=[StopAt(3)])
+    part.fit()
+    assert part.epoch == 3
+    first_rows = pq.read_table(split_dir / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in first_rows] == [1, 2, 3]
+    at3 = load_checkpoint(split_dir / "checkpoint.pt")
+    assert at3["epoch"] == 3 and at3["step"] == 33
+    # ... whose state is the straight run's state at epoch 3.
+    straight3 = load_checkpoint(straight_dir / "ckpt-epoch0003.pt")
+    for key in ("model", "optimizer", "engine", "rng", "step", "epoch"):
+        assert_same(at3[key], straight3[key], key)
+    shutil.copy(split_dir / "checkpoint.pt", tmp_path / "at3.pt")
+
+    # ... then resumed to six by `granet train` in a new process.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*_granet_cli(), "train", str(cfg_path), "--run-dir", str(split_dir), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming {split_dir}" in proc.stderr
+    assert "done: epoch=6 " in proc.stdout
+
+    a = load_checkpoint(straight_dir / "checkpoint.pt")
+    b = load_checkpoint(split_dir / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"] == 66
+    # Weights, masks, ever-active masks, engine generator, optimizer state, RNG: bit for bit.
+    for key in ("model", "optimizer", "engine", "rng", "meta"):
+        assert_same(a[key], b[key], key)
+    masks = a["engine"]["masks"]
+    assert sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks) == pytest.approx(
+        0.1, abs=1e-4
+    )
+    assert any(not torch.equal(x, y) for x, y in zip(at3["model"].values(),
+                                                     a["model"].values(), strict=True))
+
+    # Per-epoch metrics: equal rows but for wall-clock time.
+    rows_a, rows_b = _rows(straight_dir / "metrics.parquet"), _rows(split_dir / "metrics.parquet")
+    assert [r["epoch"] for r in rows_a] == [1, 2, 3, 4, 5, 6]
+    assert_same(rows_a, rows_b, "metrics")
+    assert_same(_rows(straight_dir / "layers.parquet"), _rows(split_dir / "layers.parquet"))
+    sa = json.loads((straight_dir / "summary.json").read_text())
+    sb = json.loads((split_dir / "summary.json").read_text())
+    sa.pop("run_dir"), sb.pop("run_dir")
+    assert sa == sb
+
+    # The new process trained epochs 4-6 only: epochs 1-3 (wall-clock times included) are the
+    # ones recorded before the break, not a retraining that happens to agree.
+    after = pq.read_table(split_dir / "metrics.parquet").to_pylist()
+    assert after[:3] == first_rows
+
+    # Prune and regeneration events on both sides of the split.
+    for side in (rows_a[:3], rows_a[3:]):
+        assert sum(r["pruned"] for r in side) > 0
+        assert sum(r["regrown"] for r in side) > 0
+    assert rows_a[5]["pruned"] == 0 and rows_a[5]["regrown"] > 0  # after the window: regen only
+
+
+def test_user_model_by_import_path(tmp_path: Path, capsys) -> None:
+    """A model the package has never seen, named 'package.module:function', under GraNet."""
+    out = tmp_path / "runs"
+    sets = [
+        "model.name=tests.fixtures.user_model:tiny_net", "data.num_samples=2000",
+        "run.epochs=3", "optim.milestones=[2]", "sparsity.update_interval=4",
+        "sparsity.prune_end_epoch=2", "sparsity.final_density=0.1", f"run.output_dir={out}",
+    ]
+    argv = ["train", "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    cfg = load_config(None, sets)
+    run = run_dir_for(cfg)
+    assert run == out / f"granet-{config_hash(cfg)}"
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    # Both of tiny_net's prunable layers (Conv1d '0' and Linear '3') were discovered and masked.
+    assert ckpt["engine"]["layer_names"] == ["0", "3"]
+    masks = ckpt["engine"]["masks"]
+    total = sum(m.numel() for m in masks)
+    assert total == 8 * 1 * 3 + 10 * 8 * 40
+    nnz = sum(int(m.sum()) for m in masks)
+    assert nnz == round(0.1 * total)  # exactly K = round(N d_f) after the last prune
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["density"] for r in rows][-1] == nnz / total
+    assert rows[0]["density"] > rows[-1]["density"]
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["test_acc"] > 0.18  # learns something (chance 0.1; measured 0.25-0.29)
+    for name, m in zip(ckpt["engine"]["layer_names"], masks, strict=True):
+        w = ckpt["model"][f"{name}.weight"]
+        assert torch.count_nonzero(w[~m]) == 0
+
+
+def test_lr_schedule() -> None:
+    ms = load_config(None, ["sparsity.method=dense", "run.epochs=10", "optim.lr=0.1",
+                            "optim.milestones=[3, 6]", "optim.gamma=0.5"])
+    assert [lr_at_epoch(ms, e) for e in range(8)] == pytest.approx(
+        [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025]
+    )
+    warm = load_config(None, ["sparsity.method=dense", "run.epochs=10", "optim.lr=0.3",
+                              "optim.milestones=[5]", "optim.warmup_epochs=2"])
+    assert [lr_at_epoch(warm, e) for e in range(7)] == pytest.approx(
+        [0.1, 0.2, 0.3, 0.3, 0.3, 0.03, 0.03]
+    )
+    cos = load_config(None, ["sparsity.method=dense", "run.epochs=4", "optim.schedule=cosine",
+                             "optim.lr=0.2"])
+    assert [lr_at_epoch(cos, e) for e in range(4)] == pytest.approx(
+        [0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 + math.cos(3 * math.pi / 4))]
+    )
+    const = load_config(None, ["optim.schedule=constant", "optim.lr=0.07"])
+    assert {lr_at_epoch(const, e) for e in (0, 50, 159)} == {0.07}
+
+
+def test_in_memory_run_writes_nothing_and_records_epochs(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.name=mnist1d", "data.num_samples=2000", "model.name=mlp",
+                             "model.kwargs={hidden: [32]}", "run.epochs=2",
+                             "optim.milestones=[1]", "sparsity.method=static",
+                             f"run.output_dir={tmp_path / 'runs'}"])
+    trainer = Trainer(cfg, write=False)
+    summary = trainer.fit()
+    assert not (tmp_path / "runs").exists()
+    assert [h["epoch"] for h in trainer.history] == [1, 2]
+    assert [h["step"] for h in trainer.history] == [11, 22]
+    assert [h["lr"] for h in trainer.history] == pytest.approx([0.1, 0.01])
+    # static: the ERK mask drawn at start never changes.
+    assert summary["density"] == trainer.history[0]["density"] == pytest.approx(0.1, abs=1e-3)
+    assert summary["itop_rate"] == summary["density"]
+    assert trainer.history[-1]["mask_events"] == 0
+
+
+def test_probe_branches_from_a_checkpoint(tmp_path: Path) -> None:
+    """load_weights_and_masks: weights and masks carried over; step, epoch, history afresh."""
+    sets = ["data.num_samples=2000", "run.epochs=2", "optim.milestones=[1]",
+            "sparsity.update_interval=4", "sparsity.prune_end_epoch=1"]
+    trunk = Trainer(load_config(None, sets), run_dir=tmp_path / "trunk")
+    trunk.fit()
+    probe_cfg = load_config(None, [*sets, "sparsity.method=static", "optim.schedule=constant",
+                                   "optim.lr=0.001"])
+    probe = Trainer(probe_cfg, write=False)
+    probe.load_weights_and_masks(tmp_path / "trunk" / "checkpoint.pt")
+    assert probe.engine.step_count == 0 and probe.epoch == 0 and probe.history == []
+    for a, b in zip(probe.engine.masks, trunk.engine.masks, strict=True):
+        assert torch.equal(a, b)
+    assert_same(probe.model.state_dict(), trunk.model.state_dict())
+    assert probe.optimizer.param_groups[0]["lr"] == 0.001
+    probe.fit()
+    # The mask stays fixed under 'static'; the weights move.
+    for a, b in zip(probe.engine.masks, trunk.engine.masks, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(probe.model.classifier[1].weight, trunk.model.classifier[1].weight)
