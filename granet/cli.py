@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from granet.config import ConfigError, load_config
+from granet.study.cli import add_study_commands
 
 __all__ = ["main"]
 
@@ -98,16 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.set_defaults(func=cmd_export)
 
-    try:
-        from granet.study.cli import add_study_commands
-    except ImportError:  # the study layer is optional for the engine-only install
-        add_study_commands = None
-    if add_study_commands is not None:
-        add_study_commands(sub)
+    add_study_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    # User models named 'package.module:function' are looked up from the working directory too,
+    # as with ``python -m`` (the console script's sys.path holds only its own bin directory).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,189 @@
+"""Study results as Parquet tables: explicit schemas, one file per trial, atomic writes.
+
+Layout (hive-partitioned by stage)::
+
+    <study_dir>/results/<table>/stage=<stage>/trial-<key>.parquet
+
+Each file is written to a ``.tmp-*`` name and renamed, so a reader (``pyarrow.dataset`` ignores
+``.``/``_``-prefixed files) never sees half a file, and re-writing a trial's file replaces it.
+:func:`read_table` returns the union of all files of a table (an empty table with the schema when
+there are none); the ``stage`` column comes from the file contents, not the directory name.
+
+Tables and their columns (types are the pyarrow types; every float may be null / NaN):
+
+``trials`` - one row per finished trial (status "done": a re-run skips it) or per trial that
+Tune stopped early (status "stopped", e.g. by ASHA; its epochs rows are kept too):
+    key: string            the trial key (hash of its config and its parent's key)
+    study: string          study name
+    stage: string          "trunk" | "probe" | "search" | "compare" | ...
+    parent_key: string     key of the trial it branched from (probes: the trunk); null otherwise
+    status: string         "done" | "stopped"
+    config_json: string    the full resolved granet Config as JSON
+    spec_json: string      the study-level description of the trial (probe spec, ...) as JSON
+    method: string         sparsity.method
+    seed: int64            run.seed
+    epochs: int64          epochs trained (run.epochs)
+    test_acc, val_acc, best_val_acc, test_at_best_val, density, density_all,
+    inference_flops, inference_flops_ratio, train_flops: float64   final-epoch metrics
+    wall_seconds: float64  wall time of the trial's last (re)start to its end
+    resumed_from: int64    epoch of the own checkpoint the last start resumed from (0: fresh)
+    finished_at: timestamp[ms, UTC]
+
+``epochs`` - one row per trial and epoch (the trainer's epoch record):
+    key, study, stage: string; epoch: int64 (1-based, epochs completed); step: int64;
+    then float64 columns EPOCH_METRICS (lr, train_loss, train_acc, val_loss, val_acc, test_loss,
+    test_acc, best_val_acc, test_at_best_val, density, density_all, sparsity, regen_rate,
+    itop_rate, units_without_input, dead_relu, mask_events, pruned, regrown, pruned_total,
+    regrown_total, inference_flops, inference_flops_ratio, train_flops, epoch_seconds).
+    Metrics a trainer does not produce are null.
+
+``probes`` - one row per finished plasticity probe (stage "probe"):
+    key, study, trunk_key: string
+    kind: string           "plasticity" (k epochs at the trunk's LR at t) | "gap" (to the end)
+    trunk_method: string; trunk_density: float64; seed: int64; model: string
+    epoch_t: int64         the trunk epoch branched from (epochs completed)
+    ratio: float64         share of the remaining weights pruned at t
+    regen: bool            regrew as many connections by gradient magnitude
+    scope: string          "global" | "layerwise"
+    structure: string      "unstructured" | "filter"
+    k: int64               epochs trained after the branch
+    lr_t: float64          the trunk's learning rate during epoch t (0-based: lr_at_epoch(trunk, t))
+    acc_before: float64    trunk test accuracy at t (before pruning)
+    acc_pruned: float64    test accuracy right after pruning (+ regrowth), before training
+    acc_after: float64     test accuracy after the k epochs (the probe's final test accuracy)
+    plasticity: float64    acc_after - acc_before (kind "plasticity"; null for "gap")
+    trunk_final_acc: float64  final test accuracy of the unpruned trunk
+    final_gap: float64     acc_after - trunk_final_acc (kind "gap"; null for "plasticity")
+    density_before, density_after: float64  density over masked weights at t / after the branch
+    pruned, regrown: int64 connections removed / regrown at the branch
+    branch_digest: string  SHA-256 of the weights and masks loaded from the trunk (before pruning)
+
+``layers`` - per-layer densities, one row per trial, epoch and layer:
+    key, study, stage: string; epoch: int64; layer: string; density: float64; numel: int64
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from granet.io import write_parquet
+
+__all__ = [
+    "EPOCH_METRICS",
+    "SCHEMAS",
+    "TABLES",
+    "read_table",
+    "table_path",
+    "write_rows",
+    "done_keys",
+]
+
+EPOCH_METRICS = (
+    "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+    "best_val_acc", "test_at_best_val", "density", "density_all", "sparsity", "regen_rate",
+    "itop_rate", "units_without_input", "dead_relu", "mask_events", "pruned", "regrown",
+    "pruned_total", "regrown_total", "inference_flops", "inference_flops_ratio", "train_flops",
+    "epoch_seconds",
+)
+FINAL_METRICS = (
+    "test_acc", "val_acc", "best_val_acc", "test_at_best_val", "density", "density_all",
+    "inference_flops", "inference_flops_ratio", "train_flops",
+)
+
+_S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": pa.schema(
+        [("key", _S), ("study", _S), ("stage", _S), ("parent_key", _S), ("status", _S),
+         ("config_json", _S), ("spec_json", _S), ("method", _S), ("seed", _I), ("epochs", _I)]
+        + [(m, _F) for m in FINAL_METRICS]
+        + [("wall_seconds", _F), ("resumed_from", _I),
+           ("finished_at", pa.timestamp("ms", tz="UTC"))]
+    ),
+    "epochs": pa.schema(
+        [("key", _S), ("study", _S), ("stage", _S), ("epoch", _I), ("step", _I)]
+        + [(m, _F) for m in EPOCH_METRICS]
+    ),
+    "probes": pa.schema(
+        [("key", _S), ("study", _S), ("trunk_key", _S), ("kind", _S), ("trunk_method", _S),
+         ("trunk_density", _F), ("seed", _I), ("model", _S), ("epoch_t", _I), ("ratio", _F),
+         ("regen", _B), ("scope", _S), ("structure", _S), ("k", _I), ("lr_t", _F),
+         ("acc_before", _F), ("acc_pruned", _F), ("acc_after", _F), ("plasticity", _F),
+         ("trunk_final_acc", _F), ("final_gap", _F), ("density_before", _F),
+         ("density_after", _F), ("pruned", _I), ("regrown", _I), ("branch_digest", _S)]
+    ),
+    "layers": pa.schema(
+        [("key", _S), ("study", _S), ("stage", _S), ("epoch", _I), ("layer", _S),
+         ("density", _F), ("numel", _I)]
+    ),
+}
+TABLES = tuple(SCHEMAS)
+
+
+def table_path(study_dir: str | Path, table: str, stage: str, key: str) -> Path:
+    if table not in SCHEMAS:
+        raise ValueError(f"table={table!r}: must be one of {', '.join(TABLES)}")
+    return Path(study_dir) / "results" / table / f"stage={stage}" / f"trial-{key}.parquet"
+
+
+def _clean(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_floating(typ):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    if pa.types.is_integer(typ):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return int(value)
+    if pa.types.is_boolean(typ):
+        return bool(value)
+    if pa.types.is_timestamp(typ):
+        return value
+    return str(value)
+
+
+def write_rows(
+    study_dir: str | Path, table: str, stage: str, key: str, rows: list[dict[str, Any]]
+) -> Path:
+    """Write one trial's rows of ``table`` (replacing its previous file) with the table's schema.
+
+    Keys absent from a row become null; keys the schema does not know are dropped.
+    """
+    schema = SCHEMAS[table]
+    clean = [{f.name: _clean(r.get(f.name), f.type) for f in schema} for r in rows]
+    path = table_path(study_dir, table, stage, key)
+    write_parquet(pa.Table.from_pylist(clean, schema=schema), path)
+    return path
+
+
+def read_table(study_dir: str | Path, table: str, stage: str | None = None) -> pa.Table:
+    """All rows of ``table`` (optionally one stage); an empty table with the schema if none."""
+    schema = SCHEMAS[table]
+    root = Path(study_dir) / "results" / table
+    if stage is not None:
+        root = root / f"stage={stage}"
+    files = sorted(str(p) for p in root.rglob("trial-*.parquet")) if root.is_dir() else []
+    if not files:
+        return schema.empty_table()
+    return ds.dataset(files, schema=schema, format="parquet").to_table()
+
+
+def done_keys(study_dir: str | Path, stage: str | None = None) -> set[str]:
+    """Keys of the trials that finished (a row in the ``trials`` table)."""
+    t = read_table(study_dir, "trials", stage)
+    return {k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(),
+                                  strict=True)
+            if s == "done"}
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
