@@ -16,28 +16,11 @@ studies/configs/plasticity_mnist1d.yaml.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parent / "configs" / "plasticity_mnist1d.yaml"
-
-
-def main(argv: list[str] | None = None) -> int:
-    from granet.config import ConfigError
-    from granet.study.cli import add_study_arguments, run_study_command
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_study_arguments(p)
-    args = p.parse_args(argv)
-    if args.config is None:
-        args.config = str(DEFAULT)
-    try:
-        return run_study_command("plasticity", args)
-    except ConfigError as exc:
-        print(f"plasticity: error: {exc}", file=sys.stderr)
-        return 2
-
+from granet.study.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    default = Path(__file__).resolve().parent / "configs" / "plasticity_mnist1d.yaml"
+    sys.exit(script_main("plasticity", default))

@@ -1,59 +1,20 @@
 #!/usr/bin/env python
-"""Run (or resume) a GraNet hyper-parameter search study (Optuna through Ray Tune).
+"""The search study, runnable directly, via ``ray job submit`` or ``ray submit``.
 
-    python studies/search.py [--config studies/configs/search_mnist1d.yaml] [--set key=value]
-                             [--smoke-test] [--fresh] [--tracking-uri URI] [--report]
+    python studies/search.py [CONFIG] [--set KEY=VALUE ...] [--smoke-test] [--fresh]
+                         [--tracking-uri URI] [--ray-address ADDR]
 
-Re-running the same command resumes: finished Optuna trials are kept and only the missing ones
-run. ``--fresh`` deletes the Optuna study first. Exit status 2 on a configuration error.
+Same flags as ``granet study search``. CONFIG defaults to studies/configs/search_mnist1d.yaml.
+Re-running the same command resumes: finished trials are reused, only the missing ones run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parent / "configs" / "search_mnist1d.yaml"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT), help="study YAML (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set num_samples=8 --set train.run.epochs=5")
-    p.add_argument("--smoke-test", action="store_true", help="tiny version (seconds)")
-    p.add_argument("--fresh", action="store_true", help="delete the Optuna study and start over")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    p.add_argument("--report", action="store_true", help="draw the report figures afterwards")
-    args = p.parse_args(argv)
-
-    import ray
-
-    from granet.config import ConfigError
-    from granet.study.search import run_search_study
-
-    t0 = time.time()
-    started = not ray.is_initialized()  # a Ray this script starts is shut down at the end
-    try:
-        summary = run_search_study(args.config, args.set, args.smoke_test, not args.fresh,
-                                   args.tracking_uri)
-    except ConfigError as exc:
-        print(f"search: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-    if args.report:
-        from granet.study.report import make_report
-
-        summary["figures"] = [str(x) for x in make_report(summary["study_dir"])]
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(summary, indent=2, default=str))
-    return 1 if summary.get("failed") else 0
-
+from granet.study.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    default = Path(__file__).resolve().parent / "configs" / "search_mnist1d.yaml"
+    sys.exit(script_main("search", default))

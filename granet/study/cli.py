@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["add_study_commands", "run_study_command"]
+__all__ = ["add_study_commands", "run_study_command", "script_main"]
 
 _STUDIES = {
     "plasticity": ("granet.study.plasticity", "run_plasticity_study"),
@@ -31,6 +34,9 @@ def add_study_arguments(p: argparse.ArgumentParser, with_config: bool = True) ->
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                         "sqlite:////<study_dir>/mlflow.db)")
+    p.add_argument("--fresh", action="store_true",
+                   help="search: delete the Optuna study and start over; compare: re-run every "
+                        "trial (plasticity: no effect; delete the study directory instead)")
 
 
 def run_study_command(kind: str, args: argparse.Namespace) -> int:
@@ -44,16 +50,49 @@ def run_study_command(kind: str, args: argparse.Namespace) -> int:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"study {kind}: not available ({exc})") from None
     started = _maybe_start_ray()
+    resume = not getattr(args, "fresh", False)
     try:
-        out: dict[str, Any] = run(args.config, args.set, args.smoke_test, True, args.tracking_uri)
+        out: dict[str, Any] = run(args.config, args.set, args.smoke_test, resume, args.tracking_uri)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    if kind != "plasticity":  # the plasticity study draws its report and prints its own end
+        _finish(out)
     failed = out.get("failed") or {}
     n_failed = sum(failed.values()) if isinstance(failed, dict) else int(failed or 0)
     return 1 if n_failed else 0
+
+
+def _finish(out: dict[str, Any]) -> None:
+    """Draw the report (figures also go to the parent MLflow run) and print where things are."""
+    from granet.study.report import make_report
+
+    try:
+        figures = make_report(out["study_dir"], tracking_uri=out.get("tracking_uri"))
+        out["figures"] = [str(p) for p in figures]
+    except Exception as exc:  # the report must not lose a finished study
+        print(f"report: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    print(json.dumps(out, indent=2, default=str))
+    if out.get("mlflow_ui"):
+        print(f"MLflow UI: {out['mlflow_ui']}")
+
+
+def script_main(kind: str, default_config: Path, argv: list[str] | None = None) -> int:
+    """Entry point of ``studies/<kind>.py``: the same flags as ``granet study <kind>``."""
+    from granet.config import ConfigError
+
+    p = argparse.ArgumentParser(description=f"granet {kind} study (see granet study {kind} -h)")
+    add_study_arguments(p)
+    args = p.parse_args(argv)
+    if args.config is None:
+        args.config = str(default_config)
+    try:
+        return run_study_command(kind, args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"{kind}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _maybe_start_ray() -> bool:

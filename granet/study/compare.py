@@ -338,6 +338,7 @@ def run_compare_study(cfg_path: str | Path | None, overrides: list[str] | None =
         keys = done_keys(study_dir, STAGE)
         summary = {
             "study": study.name, "study_dir": str(study_dir), "planned": len(trials),
+            "tracking_uri": tracker.uri, "mlflow_ui": tracker.ui_command(),
             "ran_this_pass": len(todo), "finished": sum(t["trial_key"] in keys for t in trials),
             "errors": errors, "failed": errors, "table_md": str(md),
             "table_parquet": str(pq_path),

@@ -763,6 +763,7 @@ def run_search_study(cfg_path: str | Path | None, overrides: list[str] | None = 
         _write_atomic(table, table_path)
         summary: dict[str, Any] = {
             "study": study.name, "study_dir": str(study_dir), "ran_this_pass": ran,
+            "tracking_uri": tracker.uri, "mlflow_ui": tracker.ui_command(),
             "failed": failed, "finished_trials": finished, "asked": study.num_samples,
             "states": {s: table.column("state").to_pylist().count(s)
                        for s in sorted(set(table.column("state").to_pylist()))},

@@ -66,9 +66,9 @@ def tiny_search_yaml(path: Path, study_dir: Path, **fields: Any) -> Path:
 
 
 def parse_summary(stdout: str) -> dict[str, Any]:
-    """The JSON summary the study scripts print last."""
+    """The JSON summary the study scripts print at the end (before the MLflow UI line)."""
     i = stdout.rfind("\n{\n") + 1 if not stdout.startswith("{\n") else 0
-    return json.loads(stdout[i:])
+    return json.loads(stdout[i : stdout.rfind("\n}") + 2])
 
 
 def run_script(args: list[str], timeout: float = 400) -> tuple[subprocess.CompletedProcess, float]:
