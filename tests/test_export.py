@@ -14,15 +14,6 @@ from granet.export import compact_state_dict, expand_state_dict
 from granet.io import load_checkpoint
 from granet.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SETS = ["data.num_samples=2000", "run.epochs=3", "optim.lr=0.05", "optim.milestones=[2]",
         "sparsity.update_interval=4", "sparsity.prune_end_epoch=1", "sparsity.final_density=0.1"]
 

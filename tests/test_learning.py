@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from granet.config import load_config
 from granet.trainer import Trainer
@@ -25,13 +24,6 @@ from granet.trainer import Trainer
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "mnist1d_granet.yaml"
 CHANCE = 0.10
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

@@ -24,16 +24,6 @@ from granet.trainer import Callback, Trainer, lr_at_epoch, run_dir_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models: one intra-op thread is as fast and does not collapse on a loaded 2-core
-    # machine. The resumed subprocess uses the same count (OMP_NUM_THREADS=1) so the float
-    # reductions, and hence the bits, are the same.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _granet_cli() -> list[str]:
     script = Path(sys.executable).with_name("granet")

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-import yaml
-
 from granet.config import (
     Config,
     ConfigError,
@@ -28,6 +26,7 @@ from granet.config import (
     config_from_dict,
     config_to_dict,
     parse_override,
+    read_yaml_mapping,
     validate,
 )
 from granet.config import _coerce as _coerce_value  # one type-coercion rule for all configs
@@ -178,20 +177,7 @@ def load_study_config(
 
     Raises :class:`ConfigError` on any problem; reads files only, writes nothing.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r}: not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r}: invalid YAML ({exc})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
-        data = loaded
+    data = read_yaml_mapping(path)
     overrides = list(overrides or [])
     study = _build(cls, _apply_study_overrides(data, overrides, cls))
     if smoke_test:  # shrink, then apply the overrides again: they win over the smoke grid
