@@ -29,7 +29,14 @@ from granet.sparse.grow import growth_scores
 from granet.sparse.init import layer_densities, random_mask
 from granet.sparse.methods import preset_for
 from granet.sparse.metrics import PRUNABLE, layer_forward_flops
-from granet.sparse.prune import filter_prune, global_magnitude, layerwise_magnitude, topk_mask
+from granet.sparse.prune import (
+    _active_scores,
+    count_true,
+    filter_prune,
+    global_magnitude,
+    layerwise_magnitude,
+    topk_mask,
+)
 from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
 
 __all__ = ["SparseEngine", "MaskedLayer", "prunable_layers"]
@@ -183,13 +190,16 @@ class SparseEngine:
     def params(self) -> list[nn.Parameter]:
         return [layer.param for layer in self.layers]
 
-    def _state_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _state_tensors(
+        self, layer_masks: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         tensors: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         if self.optimizer is None:
             return tensors, masks
         state = self.optimizer.state
-        for layer, m in zip(self.layers, self.masks, strict=True):
+        layer_masks = self.masks if layer_masks is None else layer_masks
+        for layer, m in zip(self.layers, layer_masks, strict=True):
             st = state.get(layer.param)
             if not st:
                 continue
@@ -199,15 +209,46 @@ class SparseEngine:
                     masks.append(m)
         return tensors, masks
 
+    def _multipliers(self) -> list[torch.Tensor]:
+        """The masks as ``apply_masks`` multiplies by them.
+
+        On CPU, ``x *= bool_mask`` runs a scalar casting loop, 2-4x slower than a same-dtype
+        multiply, so there the masks are cached as 0/1 tensors of the weight dtype (the products
+        are the same: ``w * 1.0 == w * True`` and ``w * 0.0 == w * False``, signed zeros and NaN
+        included). The cache follows the masks: rebuilt when a mask is replaced or changed in
+        place (tensor identity + version counter); other devices use the bool masks as they are.
+        """
+        masks = self.masks
+        src = getattr(self, "_mult_src", None)
+        try:
+            versions = [m._version for m in masks]
+        except RuntimeError:  # inference tensors keep no version counter: no cache
+            return masks
+        if (
+            src is not None
+            and len(src) == len(masks)
+            and all(a is b for a, b in zip(src, masks, strict=True))
+            and versions == self._mult_versions
+        ):
+            return self._mult_cache
+        self._mult_cache = [
+            m.view(torch.uint8).to(p.dtype)  # uint8 -> float converts vectorised, bool doesn't
+            if m.device.type == "cpu" and p.is_floating_point() and m.dtype == torch.bool
+            else m
+            for m, p in zip(masks, self.params, strict=True)
+        ]
+        self._mult_src = list(masks)  # holds the masks, so their ids cannot be reused
+        self._mult_versions = versions
+        return self._mult_cache
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero inactive weights and their same-shaped optimizer state (no host sync)."""
         if not self.masking_active:
             return
-        torch._foreach_mul_([p.data for p in self.params], self.masks)
-        tensors, masks = self._state_tensors()
-        if tensors:
-            torch._foreach_mul_(tensors, masks)
+        mult = self._multipliers()
+        tensors, masks = self._state_tensors(mult)
+        torch._foreach_mul_([p.data for p in self.params] + tensors, mult + masks)
 
     @torch.no_grad()
     def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
@@ -381,19 +422,19 @@ class SparseEngine:
                 new.append(m)
                 continue
             w = layer.param.detach()
-            keep = topk_mask(torch.where(m, w.abs(), torch.full_like(w, -1.0)), nnz - r)
+            keep = topk_mask(_active_scores(w, m), nnz - r)  # |w| where active, else -1
             score = growth_scores(self.growth, layer.param, self.optimizer, self.generator,
                                   self._momentum_of(layer))
-            score = torch.where(keep, torch.full_like(score, -math.inf), score)
+            score = torch.where(keep, -math.inf, score)
             grown = topk_mask(score, r)
             new.append(keep | grown)
-            regrown += int((grown & ~m).sum())
+            regrown += count_true(grown & ~m)
         self._set_masks(new)
         return regrown
 
     # ------------------------------------------------------------------ metrics
     def _refresh_counts(self) -> None:
-        self.nnz = [int(m.sum()) for m in self.masks]  # host sync only at events
+        self.nnz = [count_true(m) for m in self.masks]  # host sync only at events
         if self._dense_flops_ready():
             self._sparse_flops = self._compute_sparse_flops()
 
@@ -456,8 +497,12 @@ class SparseEngine:
         return dead / total
 
     def sparse_state_bytes(self) -> int:
-        """Bytes the engine keeps beside the model (masks + ever-active masks)."""
-        return sum(m.numel() * m.element_size() for m in self.masks + self.ever_active)
+        """Bytes the engine keeps beside the model: masks, ever-active masks, on CPU the masks
+        cached in the weight dtype for ``apply_masks``, and the dense-gradient momentum kept for
+        momentum growth."""
+        held = self.masks + self.ever_active + list(self.grad_momentum or [])
+        held += [c for c in getattr(self, "_mult_cache", []) if not any(c is m for m in held)]
+        return sum(m.numel() * m.element_size() for m in held)
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics for logging (SPEC §7)."""
@@ -504,12 +549,14 @@ class SparseEngine:
                 f"engine state is for layers {state['layer_names'][:3]}..., "
                 f"model has {names[:3]}..."
             )
+        # Copies: the engine updates its masks in place (ever_active |= mask), and must never
+        # write into the caller's state dict.
         self.masks = [
-            m.to(layer.param.device).bool()
+            m.to(layer.param.device, dtype=torch.bool, copy=True)
             for m, layer in zip(state["masks"], self.layers, strict=True)
         ]
         self.ever_active = [
-            e.to(layer.param.device).bool()
+            e.to(layer.param.device, dtype=torch.bool, copy=True)
             for e, layer in zip(state["ever_active"], self.layers, strict=True)
         ]
         self.step_count = int(state["step"])
@@ -520,7 +567,7 @@ class SparseEngine:
         self.masking_active = bool(state["masking_active"])
         if self.grad_momentum is not None and state.get("grad_momentum"):
             self.grad_momentum = [
-                m.to(layer.param.device)
+                m.to(layer.param.device, copy=True)
                 for m, layer in zip(state["grad_momentum"], self.layers, strict=True)
             ]
         self._refresh_counts()
