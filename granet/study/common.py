@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar
 
 from granet.config import (
     Config,
@@ -29,7 +29,6 @@ from granet.config import (
     read_yaml_mapping,
     validate,
 )
-from granet.config import _coerce as _coerce_value  # one type-coercion rule for all configs
 
 __all__ = [
     "StudyCommon",
@@ -113,32 +112,6 @@ def validate_train(cfg: Config, prefix: str = "train") -> None:
         raise ConfigError(msg) from None
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'study config'}={data!r}: must be a mapping")
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        allowed = ", ".join(sorted(names))
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; allowed: {allowed}")
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        hint = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if hint is Config:
-            from granet.config import _from_dict
-
-            kwargs[f.name] = _from_dict(Config, data[f.name], path)
-        elif dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, data[f.name] or {}, f"{path}.")
-        else:
-            kwargs[f.name] = _coerce_value(path, data[f.name], hint)
-    return cls(**kwargs)
-
-
 def _apply_study_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> dict:
     data = copy.deepcopy(data)
     names = {f.name for f in fields(cls)}
@@ -179,10 +152,10 @@ def load_study_config(
     """
     data = read_yaml_mapping(path)
     overrides = list(overrides or [])
-    study = _build(cls, _apply_study_overrides(data, overrides, cls))
+    study = config_from_dict(_apply_study_overrides(data, overrides, cls), cls)
     if smoke_test:  # shrink, then apply the overrides again: they win over the smoke grid
         small = study_to_dict(study.smoke())
-        study = _build(cls, _apply_study_overrides(small, overrides, cls))
+        study = config_from_dict(_apply_study_overrides(small, overrides, cls), cls)
     if tracking_uri:
         study.tracking_uri = tracking_uri
     if not study.study_dir:
