@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from granet.config import ConfigError, load_config
+from granet.config import load_config
+from granet.errors import run_command
 from granet.study.cli import add_study_commands
 
 __all__ = ["main"]
@@ -111,14 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"granet: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"granet: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

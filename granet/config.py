@@ -33,6 +33,8 @@ __all__ = [
     "Config",
     "load_config",
     "apply_overrides",
+    "set_values",
+    "non_default_values",
     "config_from_dict",
     "config_to_dict",
     "config_hash",
@@ -269,6 +271,11 @@ def _non_default(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def non_default_values(cfg: Any) -> dict[str, Any]:
+    """The values of a config that differ from its defaults (nested; locations left out)."""
+    return _non_default(cfg)
+
+
 def config_hash(cfg: Any, length: int = 12) -> str:
     """Stable hash: SHA-256 of the canonical JSON of the non-default values (except the
     locations in ``HASH_EXCLUDED``)."""
@@ -300,40 +307,56 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Config) -> dict:
-    """Apply dotted ``key=value`` overrides to a nested dict; unknown keys raise."""
+    """Apply dotted ``key=value`` overrides (YAML text) to a nested dict; unknown keys raise."""
     data = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
-        parts = key.split(".")
-        node, node_cls = data, cls
-        for i, part in enumerate(parts):
-            names = {f.name: f for f in fields(node_cls)}
-            if part not in names:
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(
-                    f"--set {text!r}: {where}: unknown field; allowed: {', '.join(sorted(names))}"
-                )
-            hint = get_type_hints(node_cls)[part]
-            last = i == len(parts) - 1
-            if dataclasses.is_dataclass(hint):
-                if last:
-                    raise ConfigError(
-                        f"--set {text!r}: {key} is a group; set one of its fields, e.g. {key}.x=1"
-                    )
-                if node.get(part) is None:  # absent, or an empty group ("optim:") in the file
-                    node[part] = {}
-                node = node[part]
-                if not isinstance(node, dict):
-                    where = ".".join(parts[: i + 1])
-                    raise ConfigError(f"{where}={node!r}: must be a mapping")
-                node_cls = hint
-            elif not last:
-                raise ConfigError(
-                    f"--set {text!r}: {key}: {'.'.join(parts[: i + 1])} has no sub-fields"
-                )
-            else:
-                node[part] = value
+        _set_path(data, key, value, cls, f"--set {text!r}: ")
     return data
+
+
+def set_values(data: dict[str, Any], values: dict[str, Any], cls: type = Config) -> dict:
+    """Apply already-typed ``{"dotted.key": value}`` overrides to a nested dict (a copy).
+
+    The one override path of granet besides :func:`apply_overrides` (which parses text first):
+    study grids, search samples and method entries all go through it.
+    """
+    data = copy.deepcopy(data)
+    for key, value in values.items():
+        _set_path(data, key, value, cls, "")
+    return data
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any, cls: type, where_: str) -> None:
+    parts = key.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in fields(node_cls)}
+        if part not in names:
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"{where_}{where}: unknown field; allowed: {', '.join(sorted(names))}"
+            )
+        hint = get_type_hints(node_cls)[part]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(hint):
+            if last:
+                raise ConfigError(
+                    f"{where_}{key} is a group; set one of its fields, e.g. {key}.x=1"
+                )
+            if node.get(part) is None:  # absent, or an empty group ("optim:") in the file
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"{where}={node!r}: must be a mapping")
+            node_cls = hint
+        elif not last:
+            raise ConfigError(
+                f"{where_}{key}: {'.'.join(parts[: i + 1])} has no sub-fields"
+            )
+        else:
+            node[part] = value
 
 
 def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["atomic_write_text", "save_checkpoint", "load_checkpoint", "write_parquet", "RunPaths"]
+__all__ = ["CheckpointError", "RunPaths", "atomic_write", "atomic_write_text", "load_checkpoint",
+           "save_checkpoint", "write_parquet"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -40,9 +41,26 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file and what to do."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    p = Path(path)
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(p)!r}: not found") from None
+    except Exception as exc:  # truncated zip, garbage, a pickle that is not a state dict
+        raise CheckpointError(
+            f"checkpoint {str(p)!r}: unreadable ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it and run again to "
+            "retrain"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(p)!r}: not a granet checkpoint (no state dict)")
+    return state
 
 
 def write_parquet(
@@ -67,3 +85,6 @@ class RunPaths:
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.root / f"ckpt-epoch{epoch:04d}.pt"
+
+
+atomic_write = _atomic  # atomic_write(path, write(tmp_path)): the one atomic writer of granet

@@ -26,11 +26,20 @@ from granet.models import build_model
 from granet.sparse.engine import SparseEngine
 from granet.sparse.metrics import dead_relu_share
 
-__all__ = ["Callback", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
+__all__ = ["Diverged", "Callback", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
 
 # Fixed seed of the train/validation split: every run seed and every trunk/probe of a study sees
 # the same split, so test and validation numbers compare across seeds.
 DATA_SPLIT_SEED = 0
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights; ``trainer.history`` keeps the
+    last finite epochs."""
+
+    def __init__(self, epoch: int, step: int, reason: str) -> None:
+        super().__init__(f"diverged at epoch {epoch} ({reason})")
+        self.epoch, self.step, self.reason = epoch, step, reason
 
 
 class Callback:

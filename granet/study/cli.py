@@ -1,107 +1,79 @@
-"""``granet study {plasticity,search,compare} CONFIG`` and ``granet report STUDY_DIR``."""
+"""``granet study {plasticity,search,compare} CONFIG`` and ``granet report STUDY_DIR``.
+
+Exit status: 0 the study finished (diverged trials are results, counted in the summary); 1 some
+trials failed; 2 bad input or an unusable environment, found before any work; 130 interrupted
+(Ctrl-C: run the same command again to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_study_commands", "run_study_command", "script_main"]
+__all__ = ["STUDIES", "add_study_commands", "run_study_command", "script_main"]
 
-_STUDIES = {
-    "plasticity": ("granet.study.plasticity", "run_plasticity_study"),
-    "search": ("granet.study.search", "run_search_study"),
-    "compare": ("granet.study.compare", "run_compare_study"),
+# kind -> (module, class): imported on use, so `granet train` never imports the study layer
+STUDIES: dict[str, tuple[str, str, str]] = {
+    "plasticity": ("granet.study.plasticity", "PlasticityStudy",
+                   "pruning plasticity by checkpoint branching (SPEC §6)"),
+    "search": ("granet.study.search", "SearchStudy", "hyper-parameter search (Optuna + ASHA)"),
+    "compare": ("granet.study.compare", "CompareStudy", "methods x densities x seeds comparison"),
 }
 
 
-def add_study_arguments(p: argparse.ArgumentParser, with_config: bool = True) -> None:
-    if with_config:
-        p.add_argument("config", nargs="?", default=None, help="study YAML (defaults if omitted)")
+def study_class(kind: str) -> type:
+    import importlib
+
+    module, cls, _ = STUDIES[kind]
+    return getattr(importlib.import_module(module), cls)
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="study YAML (defaults if omitted)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set ratios=[0.2,0.5] --set train.optim.lr=0.05")
-    p.add_argument("--smoke-test", action="store_true", help="a tiny grid, well under a minute")
-    p.add_argument("--resume", action="store_true",
-                   help="resume an interrupted study (the default behaviour: finished trials "
-                        "are reused, unfinished ones resume from their checkpoints)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="a tiny version in seconds, under its own name (<name>-smoke) and "
+                        "directory")
     p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (sets RAY_ADDRESS; 'auto' = the cluster running on "
-                        "this node, e.g. under `ray submit`); default: RAY_ADDRESS, else a local "
-                        "Ray with this machine's CPUs")
+                   help="Ray cluster to join (host:port, ray://host:port, or 'auto' for the "
+                        "cluster running on this node); default: RAY_ADDRESS, else a local Ray "
+                        "with this machine's CPUs")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                         "sqlite:////<study_dir>/mlflow.db)")
     p.add_argument("--fresh", action="store_true",
                    help="search: delete the Optuna study and start over; compare: re-run every "
-                        "trial (plasticity: no effect; delete the study directory instead)")
+                        "trial (plasticity: delete the study directory instead)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run_study_command(kind: str, args: argparse.Namespace) -> int:
-    module, fn = _STUDIES[kind]
-    if getattr(args, "ray_address", None):
-        import os
+    from granet.study.driver import run_study
 
-        os.environ["RAY_ADDRESS"] = args.ray_address
-    try:
-        run = getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"study {kind}: not available ({exc})") from None
-    started = _maybe_start_ray()
-    resume = not getattr(args, "fresh", False)
-    try:
-        out: dict[str, Any] = run(args.config, args.set, args.smoke_test, resume, args.tracking_uri)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    if kind != "plasticity":  # the plasticity study draws its report and prints its own end
-        _finish(out)
-    failed = out.get("failed") or {}
-    n_failed = sum(failed.values()) if isinstance(failed, dict) else int(failed or 0)
-    return 1 if n_failed else 0
+    out = run_study(study_class(kind), args.config, args.set, smoke_test=args.smoke_test,
+                    fresh=args.fresh, tracking_uri=args.tracking_uri,
+                    ray_address=args.ray_address, quiet=args.quiet)
+    print_end(out)
+    return 1 if sum(out["failed"].values()) else 0
 
 
-def _finish(out: dict[str, Any]) -> None:
-    """Draw the report (figures also go to the parent MLflow run) and print where things are."""
-    from granet.study.report import make_report
-
-    try:
-        figures = make_report(out["study_dir"], tracking_uri=out.get("tracking_uri"))
-        out["figures"] = [str(p) for p in figures]
-    except Exception as exc:  # the report must not lose a finished study
-        print(f"report: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
-    print(json.dumps(out, indent=2, default=str))
-    if out.get("mlflow_ui"):
-        print(f"MLflow UI: {out['mlflow_ui']}")
-
-
-def script_main(kind: str, default_config: Path, argv: list[str] | None = None) -> int:
-    """Entry point of ``studies/<kind>.py``: the same flags as ``granet study <kind>``."""
-    from granet.config import ConfigError
-
-    p = argparse.ArgumentParser(description=f"granet {kind} study (see granet study {kind} -h)")
-    add_study_arguments(p)
-    args = p.parse_args(argv)
-    if args.config is None:
-        args.config = str(default_config)
-    try:
-        return run_study_command(kind, args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"{kind}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _maybe_start_ray() -> bool:
-    """True if this process will own the Ray session it starts (shut down at the end)."""
-    try:
-        import ray
-    except ImportError:
-        return False
-    return not ray.is_initialized()
+def print_end(out: dict[str, Any]) -> None:
+    """Where to look: a few lines a person reads, then the JSON summary's path."""
+    launched = ", ".join(f"{n} {s}" for s, n in out["launched"].items()) or "nothing"
+    failed = sum(out["failed"].values())
+    st = out["statuses"]
+    print(f"{out['kind']} study '{out['study']}' {out['status']} in {out['seconds']:.0f} s: "
+          f"launched {launched}; {failed} failed, {st.get('diverged', 0)} diverged "
+          f"({st.get('done', 0)} trials done in all)", flush=True)
+    for p in out["outputs"]:
+        print(f"  {p}")
+    if out["figures"]:
+        print(f"  figures: {Path(out['figures'][0]).parent}")
+    print(f"  tables (Parquet): {Path(out['study_dir']) / 'results'}")
+    print(f"  summary: {Path(out['study_dir']) / 'summary.json'}")
+    print(f"MLflow UI: {out['mlflow_ui']}", flush=True)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -109,12 +81,18 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from granet.study.report import make_report
-    except ImportError as exc:
-        raise ValueError(f"report: not available ({exc})") from None
-    paths = make_report(args.study_dir)
-    for p in paths:
+    from granet.study import results
+    from granet.study.report import make_report
+
+    d = Path(args.study_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"study directory {str(d)!r}: not found")
+    if not any(results.read_table(d, t).num_rows for t in results.TABLES):
+        raise FileNotFoundError(
+            f"study directory {str(d)!r}: holds no study results (results/*/ is empty); give "
+            "the study_dir of a study that has run"
+        )
+    for p in make_report(d):
         print(p)
     return 0
 
@@ -123,14 +101,24 @@ def add_study_commands(sub: Any) -> None:
     """Register ``study`` and ``report`` on granet's sub-parsers."""
     s = sub.add_parser("study", help="run a study on Ray Tune (MLflow + Parquet results)")
     ssub = s.add_subparsers(dest="study", required=True)
-    for kind, text in (
-        ("plasticity", "pruning plasticity by checkpoint branching (SPEC §6)"),
-        ("search", "hyper-parameter search (Optuna + ASHA)"),
-        ("compare", "methods x densities x seeds comparison"),
-    ):
+    for kind, (_, _, text) in STUDIES.items():
         p = ssub.add_parser(kind, help=text)
         add_study_arguments(p)
         p.set_defaults(func=cmd_study)
     r = sub.add_parser("report", help="figures and tables of a finished study")
     r.add_argument("study_dir")
     r.set_defaults(func=cmd_report)
+
+
+def script_main(kind: str, default_config: Path, argv: list[str] | None = None) -> int:
+    """Entry point of ``studies/<kind>.py``: the same flags and exit codes as
+    ``granet study <kind>``."""
+    from granet.errors import run_command
+
+    p = argparse.ArgumentParser(description=f"granet {kind} study (see granet study {kind} -h)")
+    add_study_arguments(p)
+    args = p.parse_args(argv)
+    if args.config is None:
+        args.config = str(default_config)
+    return run_command(lambda: run_study_command(kind, args))
+

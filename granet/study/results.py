@@ -11,13 +11,13 @@ there are none); the ``stage`` column comes from the file contents, not the dire
 
 Tables and their columns (types are the pyarrow types; every float may be null / NaN):
 
-``trials`` - one row per finished trial (status "done": a re-run skips it) or per trial that
-Tune stopped early (status "stopped", e.g. by ASHA; its epochs rows are kept too):
+``trials`` - one row per trial that ended (a re-run skips "done" and "diverged" ones):
     key: string            the trial key (hash of its config and its parent's key)
     study: string          study name
     stage: string          "trunk" | "probe" | "search" | "compare" | ...
     parent_key: string     key of the trial it branched from (probes: the trunk); null otherwise
-    status: string         "done" | "stopped"
+    status: string         "done" | "stopped" (by a scheduler) | "diverged" (non-finite loss or
+                           weights; last finite metrics) | "failed" (could not run; re-run next)
     config_json: string    the full resolved granet Config as JSON
     spec_json: string      the study-level description of the trial (probe spec, ...) as JSON
     method: string         sparsity.method
@@ -28,6 +28,7 @@ Tune stopped early (status "stopped", e.g. by ASHA; its epochs rows are kept too
     wall_seconds: float64  wall time of the trial's last (re)start to its end
     resumed_from: int64    epoch of the own checkpoint the last start resumed from (0: fresh)
     finished_at: timestamp[ms, UTC]
+    message: string        why a trial diverged or failed (null when done)
 
 ``epochs`` - one row per trial and epoch (the trainer's epoch record):
     key, study, stage: string; epoch: int64 (1-based, epochs completed); step: int64;
@@ -65,14 +66,17 @@ Tune stopped early (status "stopped", e.g. by ASHA; its epochs rows are kept too
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from granet.io import write_parquet
+from granet.study.paths import StudyPaths
 
 __all__ = [
     "EPOCH_METRICS",
@@ -82,7 +86,20 @@ __all__ = [
     "table_path",
     "write_rows",
     "done_keys",
+    "finished_keys",
+    "scan_table",
+    "forget_trial",
+    "trial_status",
+    "trial_statuses",
 ]
+
+log = logging.getLogger("granet")
+
+# trials.status values: done (trained to the end), stopped (a scheduler such as ASHA stopped it),
+# diverged (non-finite loss or weights: last finite metrics kept), failed (could not run, e.g.
+# its trunk checkpoint is unreadable: re-run next time).
+STATUSES = ("done", "stopped", "diverged", "failed")
+FINISHED = ("done", "diverged")
 
 EPOCH_METRICS = (
     "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
@@ -129,7 +146,7 @@ TABLES = tuple(SCHEMAS)
 def table_path(study_dir: str | Path, table: str, stage: str, key: str) -> Path:
     if table not in SCHEMAS:
         raise ValueError(f"table={table!r}: must be one of {', '.join(TABLES)}")
-    return Path(study_dir) / "results" / table / f"stage={stage}" / f"trial-{key}.parquet"
+    return StudyPaths(study_dir).table_file(table, stage, key)
 
 
 def _clean(value: Any, typ: pa.DataType) -> Any:
@@ -141,7 +158,7 @@ def _clean(value: Any, typ: pa.DataType) -> Any:
         except (TypeError, ValueError):
             return None
     if pa.types.is_integer(typ):
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return None
         return int(value)
     if pa.types.is_boolean(typ):
@@ -165,25 +182,88 @@ def write_rows(
     return path
 
 
-def read_table(study_dir: str | Path, table: str, stage: str | None = None) -> pa.Table:
-    """All rows of ``table`` (optionally one stage); an empty table with the schema if none."""
+def _key_of(path: Path) -> str:
+    return path.stem[len("trial-"):]
+
+
+def scan_table(study_dir: str | Path, table: str,
+               stage: str | None = None) -> tuple[pa.Table, dict[str, str]]:
+    """All readable rows of ``table`` and ``{trial key: reason}`` for the files that are not
+    readable (truncated or corrupt: their trials count as not finished, so a re-run redoes
+    them and replaces the files)."""
     schema = SCHEMAS[table]
-    root = Path(study_dir) / "results" / table
-    if stage is not None:
-        root = root / f"stage={stage}"
-    files = sorted(str(p) for p in root.rglob("trial-*.parquet")) if root.is_dir() else []
+    root = StudyPaths(study_dir).table_dir(table, stage)
+    files = sorted(root.rglob("trial-*.parquet")) if root.is_dir() else []
     if not files:
-        return schema.empty_table()
-    return ds.dataset(files, schema=schema, format="parquet").to_table()
+        return schema.empty_table(), {}
+    try:
+        return ds.dataset([str(f) for f in files], schema=schema,
+                          format="parquet").to_table(), {}
+    except (pa.ArrowException, OSError):
+        pass
+    parts, bad = [], {}
+    for f in files:  # find the unreadable ones
+        try:
+            parts.append(pq.read_table(f, schema=schema))
+        except (pa.ArrowException, OSError) as exc:
+            bad[_key_of(f)] = f"{f}: unreadable ({str(exc).splitlines()[0][:200]})"
+    table_ = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table_, bad
+
+
+def read_table(study_dir: str | Path, table: str, stage: str | None = None) -> pa.Table:
+    """All readable rows of ``table`` (optionally one stage); an empty table with the schema if
+    none. Unreadable files are left out with a warning (see :func:`scan_table`)."""
+    t, bad = scan_table(study_dir, table, stage)
+    for reason in bad.values():
+        log.warning("granet: warning: results file %s; its trial will re-run", reason)
+    return t
+
+
+def finished_keys(study_dir: str | Path, stage: str | None = None) -> set[str]:
+    """Keys of the trials that need no re-run: status "done" or "diverged" (a diverged trial
+    diverges again on a re-run) whose every results file is readable."""
+    bad: set[str] = set()
+    for name in TABLES:
+        bad |= set(scan_table(study_dir, name, stage)[1])
+    t = read_table(study_dir, "trials", stage)
+    return {k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(),
+                              strict=True)
+            if s in FINISHED and k not in bad}
 
 
 def done_keys(study_dir: str | Path, stage: str | None = None) -> set[str]:
-    """Keys of the trials that finished (a row in the ``trials`` table)."""
+    """Keys of the trials that finished with status "done"."""
     t = read_table(study_dir, "trials", stage)
     return {k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(),
-                                  strict=True)
+                              strict=True)
             if s == "done"}
 
 
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def trial_statuses(study_dir: str | Path, stage: str | None = None) -> dict[str, str]:
+    """``{key: status}`` of the trials rows (readable files only)."""
+    t = read_table(study_dir, "trials", stage)
+    return dict(zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True))
+
+
+def trial_status(study_dir: str | Path, stage: str, key: str) -> str | None:
+    """The status of one trial from its own file (None when absent or unreadable)."""
+    path = table_path(study_dir, "trials", stage, key)
+    if not path.is_file():
+        return None
+    try:
+        rows = pq.read_table(path, columns=["status"]).column("status").to_pylist()
+    except (pa.ArrowException, OSError):
+        return None
+    return rows[0] if rows else None
+
+
+def forget_trial(study_dir: str | Path, stage: str, key: str) -> None:
+    """Remove a trial's rows from every table (its trials row first: it is no longer finished),
+    so the trial runs again."""
+    for name in ("trials", *[t for t in TABLES if t != "trials"]):
+        table_path(study_dir, name, stage, key).unlink(missing_ok=True)

@@ -4,32 +4,80 @@ Everything goes through ``MlflowClient`` with an explicit, absolute tracking URI
 process-global active run): the default ``sqlite:///mlflow.db`` of MLflow 3 is relative to the
 current directory, which inside a Tune worker is the trial's throw-away working directory.
 
-Tags: parent ``granet.study=<name>``, ``granet.stage=study``; child ``granet.study``,
-``granet.stage``, ``granet.trial_key``, ``granet.parent_key``, ``mlflow.parentRunId``. A retried
-or restored trial finds its run by ``granet.trial_key`` (under the same parent) and reopens it, so
-there is never a second run or an orphan left RUNNING.
+Tags: parent ``granet.study=<name>``, ``granet.stage=study``, ``granet.kind``; child
+``granet.study``, ``granet.stage``, ``granet.trial_key``, ``granet.parent_key``,
+``mlflow.parentRunId``. A retried or restored trial finds its run by ``granet.trial_key`` (under
+the same parent) and reopens it, so there is never a second run or an orphan left RUNNING, and it
+logs only the epochs (steps) that the run does not hold yet: logging is idempotent per step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from granet.study.common import StudyCommon, resolve_tracking_uri
+__all__ = ["ServiceError", "StudyTracker", "TrialRun", "check_tracking_uri", "flatten"]
 
-__all__ = ["StudyTracker", "TrialRun", "flatten"]
+log = logging.getLogger("granet")
 
 _PARAM_MAX = 6000  # MLflow 3 param value limit (characters)
+
+
+class ServiceError(RuntimeError):
+    """A service the study needs (MLflow, Ray, a database) is not usable; the message names the
+    URI and the fix."""
 
 
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def check_tracking_uri(uri: str, *, origin: str = "--tracking-uri", timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) when ``uri`` cannot be used."""
+    fix = ("start the server, or pass --tracking-uri sqlite:////abs/path/mlflow.db "
+           "(the default is <study_dir>/mlflow.db)")
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # something answers (a proxy, an older server without /health)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(
+                f"MLflow tracking URI {uri} (from {origin}): not reachable ({reason}); {fix}"
+            ) from None
+    elif uri.startswith(("postgresql", "mysql", "mssql")):
+        drivers = {"postgresql": ("psycopg2", "psycopg", "pg8000"),
+                   "mysql": ("pymysql", "MySQLdb", "mysql.connector"), "mssql": ("pyodbc",)}
+        scheme = uri.split(":", 1)[0]
+        base, _, dialect = scheme.partition("+")
+        import importlib.util
+
+        wanted = (dialect,) if dialect else drivers[base]
+        if not any(importlib.util.find_spec(d) is not None for d in wanted):
+            raise ServiceError(
+                f"MLflow tracking URI {uri.split('@')[-1]} (from {origin}): no database driver "
+                f"for {base} is installed ({' or '.join(wanted)}); install one "
+                "(e.g. pip install \"granet[cluster]\" for PostgreSQL)"
+            )
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        parent = db.parent
+        if not parent.is_dir():
+            raise ServiceError(
+                f"MLflow tracking URI {uri} (from {origin}): directory {str(parent)!r} does not "
+                "exist; create it or choose another path"
+            )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -40,6 +88,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
+            if isinstance(v, float):
+                v = float(f"{v:.6g}")
             text = v if isinstance(v, str) else json.dumps(v, default=str)
             out[key] = text[:_PARAM_MAX]
     return out
@@ -52,71 +102,87 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _metrics(metrics: dict[str, Any], step: int, ts: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    out = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out.append(Metric(k, float(v), ts, int(step)))
+    return out
+
+
+def _log_batch(client, run_id: str, *, metrics: list[Any] = (), params: list[Any] = ()) -> None:
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=list(metrics[i : i + 1000]))
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=list(params[i : i + 100]))
+
+
+def _params(params: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, v) for k, v in flatten(params).items()]
+
+
 class StudyTracker:
     """Driver side: the study's parent run (created once, reopened on re-runs)."""
 
-    def __init__(self, common: StudyCommon, *, extra_tags: dict[str, str] | None = None) -> None:
-        self.uri = resolve_tracking_uri(common)
-        self.client = _client(self.uri)
-        exp = self.client.get_experiment_by_name(common.experiment)
+    def __init__(self, uri: str, *, experiment: str, study: str, kind: str,
+                 artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.study = study
+        self.client = _client(uri)
+        exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:"):
-                # sqlite store: artifacts next to the DB, absolute (the default is ./mlartifacts)
-                db = Path(self.uri[len("sqlite:///"):])
-                location = (db.parent / "mlartifacts").resolve().as_uri()
-            try:
-                self.experiment_id = self.client.create_experiment(
-                    common.experiment, artifact_location=location
-                )
-            except Exception:  # created concurrently
-                self.experiment_id = self.client.get_experiment_by_name(
-                    common.experiment
-                ).experiment_id
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-        tags = {"granet.study": common.name, "granet.stage": "study"}
+        tags = {"granet.study": study, "granet.stage": "study"}
         run_id = _find_run(self.client, self.experiment_id, tags)
+        self.reopened = run_id is not None
         if run_id is None:
-            run = self.client.create_run(
-                self.experiment_id, run_name=common.name, tags={**tags, **(extra_tags or {})}
-            )
+            run = self.client.create_run(self.experiment_id, run_name=study,
+                                         tags={**tags, "granet.kind": kind})
             run_id = run.info.run_id
-            self.reopened = False
         else:
             self.client.update_run(run_id, status="RUNNING")
-            self.reopened = True
         self.parent_run_id = run_id
-        self.study = common.name
 
     def tracking_info(self) -> dict[str, str]:
-        """What a trial config carries under "tracking" to open its child run."""
+        """What a trial context carries under "tracking" to open its child run."""
         return {"uri": self.uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id}
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        """Log params once (MLflow forbids changing a param: a re-run keeps the first values)."""
+        have = self.client.get_run(self.parent_run_id).data.params
+        items = [p for p in _params(params) if p.key not in have]
+        changed = [p.key for p in _params(params) if p.key in have and have[p.key] != p.value]
+        if changed:
+            log.warning("granet: warning: MLflow params %s of study %s keep their first values",
+                        ", ".join(changed[:5]), self.study)
+        _log_batch(self.client, self.parent_run_id, params=items)
 
-        items = [Param(k, v) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            try:
-                self.client.log_batch(self.parent_run_id, params=items[i : i + 100])
-            except Exception:  # a param changed value on a re-run: MLflow forbids overwriting
-                pass
-
-    def log_figures(self, paths: Iterable[str | Path], artifact_path: str = "figures") -> None:
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str) -> None:
         for p in paths:
-            self.client.log_artifact(self.parent_run_id, str(p), artifact_path)
-
-    def log_table(self, path: str | Path, artifact_path: str = "tables") -> None:
-        p = Path(path)
-        if p.is_dir():
-            self.client.log_artifacts(self.parent_run_id, str(p), artifact_path)
-        else:
-            self.client.log_artifact(self.parent_run_id, str(p), artifact_path)
+            p = Path(p)
+            if p.is_dir():
+                self.client.log_artifacts(self.parent_run_id, str(p), artifact_path)
+            else:
+                self.client.log_artifact(self.parent_run_id, str(p), artifact_path)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        _log_metrics(self.client, self.parent_run_id, metrics, step)
+        _log_batch(self.client, self.parent_run_id,
+                   metrics=_metrics(metrics, step, int(time.time() * 1000)))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_run_id, k, str(v))
 
     def child_runs(self) -> list[Any]:
         return self.client.search_runs(
@@ -125,79 +191,65 @@ class StudyTracker:
             max_results=50000,
         )
 
+    def close_running_children(self, status: str = "KILLED") -> int:
+        """Close child runs left RUNNING (their trial was stopped); returns how many."""
+        n = 0
+        for run in self.child_runs():
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status=status)
+                n += 1
+        return n
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
 
     def ui_command(self) -> str:
         if self.uri.startswith("sqlite:"):
             return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"
-        return f"open {self.uri} (experiment '{self.experiment_id}')"
-
-
-def _log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    items = []
-    for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        v = float(v)
-        if math.isfinite(v):
-            items.append(Metric(k, v, ts, int(step)))
-    for i in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[i : i + 1000])
+        return f"open {self.uri} (experiment id {self.experiment_id})"
 
 
 class TrialRun:
     """Worker side: the trial's child run, created or reopened by ``granet.trial_key``."""
 
-    def __init__(
-        self,
-        tracking: dict[str, str],
-        *,
-        trial_key: str,
-        stage: str,
-        study: str,
-        parent_key: str | None,
-        run_name: str,
-        params: dict[str, Any],
-    ) -> None:
+    def __init__(self, tracking: dict[str, str], *, trial_key: str, stage: str, study: str,
+                 parent_key: str | None, run_name: str, params: dict[str, Any]) -> None:
         self.client = _client(tracking["uri"])
         self.experiment_id = tracking["experiment_id"]
         parent = tracking["parent_run_id"]
         tags = {"granet.trial_key": trial_key, "mlflow.parentRunId": parent}
         run_id = _find_run(self.client, self.experiment_id, tags)
         self.reopened = run_id is not None
+        self.last_step = -1
         if run_id is None:
             run = self.client.create_run(
-                self.experiment_id,
-                run_name=run_name,
-                tags={
-                    **tags,
-                    "granet.study": study,
-                    "granet.stage": stage,
-                    "granet.parent_key": parent_key or "",
-                },
+                self.experiment_id, run_name=run_name,
+                tags={**tags, "granet.study": study, "granet.stage": stage,
+                      "granet.parent_key": parent_key or ""},
             )
             run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            items = [Param(k, v) for k, v in flatten(params).items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(run_id, params=items[i : i + 100])
+            _log_batch(self.client, run_id, params=_params(params))
         else:
             self.client.update_run(run_id, status="RUNNING")
+            hist = self.client.get_metric_history(run_id, "epoch")
+            self.last_step = max((int(m.step) for m in hist), default=-1)
         self.run_id = run_id
 
-    def last_logged_step(self, metric: str = "test_acc") -> int:
-        """Highest step logged for ``metric`` (-1 if none): a resumed trial logs only newer ones."""
-        hist = self.client.get_metric_history(self.run_id, metric)
-        return max((m.step for m in hist), default=-1)
+    def log_epochs(self, records: list[dict[str, Any]]) -> None:
+        """One batched call for the epochs the run does not hold yet (step = epoch)."""
+        ts = int(time.time() * 1000)
+        items = []
+        for rec in records:
+            step = int(rec["epoch"])
+            if step > self.last_step:
+                items += _metrics(rec, step, ts)
+                self.last_step = step
+        if items:
+            _log_batch(self.client, self.run_id, metrics=items)
 
-    def log_epoch(self, record: dict[str, Any]) -> None:
-        """One batched call: every numeric metric of the epoch record at step=epoch."""
-        _log_metrics(self.client, self.run_id, record, int(record["epoch"]))
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+        _log_batch(self.client, self.run_id,
+                   metrics=_metrics(metrics, step, int(time.time() * 1000)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

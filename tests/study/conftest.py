@@ -1,5 +1,6 @@
-"""Shared fixtures of the study tests (engineers A and B): one real Ray session for the whole test
-session, a real MLflow server on 127.0.0.1, and tiny-study helpers."""
+"""Shared fixtures of the study tests: one real Ray session for the whole test session, real
+MLflow servers on 127.0.0.1 (started and stopped by PID), and a tiny plasticity study run twice
+with a fault injected into one trial."""
 
 from __future__ import annotations
 
@@ -14,14 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-# Tiny MNIST-1D trunks/probes: a few seconds of training per study on 2 cores.
-TINY = [
-    "train.data.num_samples=1000",
-    "train.data.batch_size=64",
-    "train.model.name=mlp",
-    "train.model.kwargs={hidden: [32, 32]}",
-]
 
 
 @pytest.fixture(scope="session")
@@ -45,74 +38,82 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on 127.0.0.1; its URL.
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on 127.0.0.1.
 
     Started with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false and --workers 1 (2 processes instead of
-    13); stopped by the PID (process group) of the process started here.
+    13); stopped by the PID of its process group, and restartable on the same port and store.
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [exe, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = open(self.root / "server.log", "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [exe, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        log.close()
+        deadline = time.time() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            if proc.poll() is not None or time.time() > deadline:
-                log_text = (root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server did not start: {log_text}")
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: "
+                                   f"{(self.root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
-    finally:
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group of the server started above
+            os.killpg(self.proc.pid, sig)  # the group of the server started above
         except ProcessLookupError:
             pass
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
 
 
-def run_tiny_plasticity(study_dir: Path, extra: list[str] = (), **kw):
-    from granet.study.plasticity import run_plasticity_study
-
-    return run_plasticity_study(
-        None, [f"study_dir={study_dir}", "ratios=[0.5]", *TINY, *extra], True, **kw
-    )
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The URL of a real MLflow server shared by the session's tests."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
 def tiny_plasticity(ray_session, tmp_path_factory):
     """A tiny plasticity study (2 trunks x 2 epochs t x ratio 0.5 x regen off/on = 10 trials) run
-    twice against sqlite; the first trial to reach epoch 2 fails once (GRANET_TEST_FAIL_ONCE)."""
+    twice against sqlite; the first trial to reach epoch 2 kills its own Ray worker once
+    (SIGKILL) and is retried from its checkpoint."""
+    from tests.study.faults import FailAtEpoch
+    from tests.study.helpers import run_tiny_plasticity
+
     root = tmp_path_factory.mktemp("plasticity")
-    marker = root / "fail-once.marker"
-    os.environ["GRANET_TEST_FAIL_ONCE"] = str(marker)
-    try:
-        t0 = time.time()
-        first = run_tiny_plasticity(root / "study")
-        first_s = time.time() - t0
-    finally:
-        os.environ.pop("GRANET_TEST_FAIL_ONCE", None)
+    marker = root / "fault.marker"
+    t0 = time.time()
+    first = run_tiny_plasticity(root / "study", trainable=FailAtEpoch(marker, how="sigkill"))
+    first_s = time.time() - t0
     t0 = time.time()
     second = run_tiny_plasticity(root / "study")
     return {"dir": root / "study", "first": first, "second": second, "marker": marker,

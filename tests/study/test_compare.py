@@ -9,22 +9,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from granet.config import ConfigError
-from granet.study.compare import load_compare_config, plan_trials, run_compare_study
+from granet.study.base import load_study_config
+from granet.study.compare import CompareStudy
 from granet.study.results import read_table
-from tests.study.b_helpers import ROOT, TINY_TRAIN, smoke_study
+from tests.study.helpers import ROOT, run, smoke_study, tiny_compare_yaml
 
 CONFIG = ROOT / "studies/configs/compare_mnist1d.yaml"
 
 
 def _tiny(tmp_path: Path, study_dir: Path, **fields) -> Path:
-    data = {"name": "tiny_compare", "study_dir": str(study_dir), "seeds": [0, 1],
-            "sparsities": [0.9], "train": TINY_TRAIN, **fields}
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
+    return tiny_compare_yaml(tmp_path / "c.yaml", study_dir, **fields)
 
 
 @pytest.mark.parametrize(
@@ -39,34 +35,50 @@ def _tiny(tmp_path: Path, study_dir: Path, **fields) -> Path:
          "sparsity.init_density=0.5"),
         ("methods=[{label: G, method: gmp, set: {sparsity.regen_speed: 1}}]",
          "sparsity.regen_speed: unknown field"),
-        ("sparsities=[0.9, 1.2]", "sparsities: 1.2 must be in (0, 1)"),
-        ("seeds=[]", "seeds=[]: needs at least one seed"),
+        ("sparsities=[0.9, 1.2]", "sparsities=[0.9, 1.2]: each must be in (0, 1)"),
+        ("sparsities=[0.9, 0.9]", "sparsities=[0.9, 0.9]: must not repeat"),
+        ("seeds=[]", "seeds=[]: must hold at least one seed"),
+        ("seeds=[1, 1]", "seeds=[1, 1]: must not repeat"),
+        ("methods=[]", "methods=[]: must hold at least one method"),
+        ("cpus_per_trial=0", "cpus_per_trial=0.0: must be > 0"),
+        ("gpus_per_trial=1.5", "gpus_per_trial=1.5: must be a whole number above 1"),
+        ("max_failures=-1", "max_failures=-1: must be >= 0"),
+        ("name=a/b", "name='a/b': must be non-empty, without spaces or slashes"),
+        ("tracking_uri=mlflow.db", "tracking_uri='mlflow.db': must be an absolute sqlite:////"),
+        ("tracking_uri=sqlite:///rel.db", "tracking_uri='sqlite:///rel.db': must be an absolute"),
+        ("train.model.name=os:system", "model.name"),
+        ("train.data.name=imagenet", "data.name='imagenet': must be one of"),
     ],
 )
 def test_bad_compare_config_raises_before_any_work(tmp_path, override, needle):
     study_dir = tmp_path / "never"
     cfg = _tiny(tmp_path, study_dir, sparsities=[0.3])
     with pytest.raises(ConfigError) as exc:
-        run_compare_study(cfg, [override])
+        run("compare", [override], cfg)
     assert needle in str(exc.value)
     assert not study_dir.exists()
 
 
 def test_plan_shipped_config():
-    study = load_compare_config(CONFIG)
-    trials = plan_trials(study)
+    study = load_study_config(CompareStudy, CONFIG)
+    trials = study.trials()
     # dense once per seed, every other method at every sparsity and seed
     assert len(trials) == 3 * (1 + 6 * 3)
-    assert len({t["trial_key"] for t in trials}) == len(trials)
-    g05 = [t for t in trials if t["spec"]["label"] == "GraNet (s_i=0.5)"]
-    assert {t["train"]["sparsity"]["init_density"] for t in g05} == {0.5}
-    assert {t["train"]["sparsity"]["final_density"] for t in g05} == {0.1, 0.05, 0.02}
+    assert len({t.key for t in trials}) == len(trials)
+    g05 = [t for t in trials if t.labels["label"] == "GraNet (s_i=0.5)"]
+    assert {t.train["sparsity"]["init_density"] for t in g05} == {0.5}
+    assert {t.train["sparsity"]["final_density"] for t in g05} == {0.1, 0.05, 0.02}
+    # the smoke version has its own name and directory
+    smoke = load_study_config(CompareStudy, CONFIG, smoke_test=True)
+    assert smoke.name == "compare_mnist1d-smoke" and smoke.study_dir != study.study_dir
+    assert Path(smoke.study_dir).name == "compare_mnist1d-smoke"
 
 
 def test_compare_smoke_table_matches_parquet(ray_session, tmp_path_factory, tmp_path):
     smoke = smoke_study("compare", tmp_path_factory)
     d, s = smoke["dir"], smoke["summary"]
-    assert s["planned"] == s["finished"] == 14 and s["errors"] == 0  # 7 methods x 2 seeds
+    assert s["planned"] == {"compare": 14} and s["statuses"] == {"done": 14}  # 7 methods x 2
+    assert s["failed"] == {"compare": 0}
     # Independent recomputation from the *epochs* table (last epoch of each trial), labels from
     # the trials table's spec_json.
     spec = {r["key"]: json.loads(r["spec_json"])
@@ -106,5 +118,5 @@ def test_compare_smoke_table_matches_parquet(ray_session, tmp_path_factory, tmp_
     m, sd = dense["final_test_acc_mean"] * 100, dense["final_test_acc_std"] * 100
     assert f"| Dense | 0% | 1.0000 | {m:.2f} ± {sd:.2f} |" in md
     # A re-run finds every trial done and runs nothing.
-    again = run_compare_study(CONFIG, ["study_dir=" + str(d)], smoke_test=True, progress=False)
-    assert again["ran_this_pass"] == 0 and again["finished"] == 14
+    again = run("compare", ["study_dir=" + str(d)], CONFIG, smoke=True)
+    assert again["launched"] == {"compare": 0} and again["statuses"] == {"done": 14}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.study.b_helpers import ROOT, smoke_study
+from tests.study.helpers import ROOT, smoke_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -51,7 +51,7 @@ def test_mlflow_ui_shows_parent_and_child_runs(ray_session, tmp_path_factory, tm
     kids = client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert parent.info.run_name == "search_mnist1d" and len(kids) == 3
+    assert parent.info.run_name == "search_mnist1d-smoke" and len(kids) == 3
     run_dom = (out / f"run-{parent.info.run_id}.html").read_text()
     exp_dom = (out / f"experiment-{exp.experiment_id}.html").read_text()
     assert _shows(parent.info.run_name, exp_dom) and _shows(parent.info.run_name, run_dom)

@@ -1,9 +1,9 @@
-"""Plasticity study: branching, LR at t, idempotency, bad configs, the script end to end."""
+"""Plasticity study: branching, LR at t, idempotency, the key rule, bad configs, the script."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,44 +14,75 @@ import torch
 from granet.config import ConfigError, config_from_dict
 from granet.io import load_checkpoint
 from granet.study import results
-from granet.study.plasticity import (
-    PlasticityStudy,
-    branch,
-    plan,
-    run_plasticity_study,
-    state_digest,
-)
-from granet.study.trainable import build_trainer, trunk_checkpoint_path
+from granet.study.base import load_study_config
+from granet.study.paths import StudyPaths
+from granet.study.plasticity import PlasticityStudy, probe_config
+from granet.study.tune.trainable import build_trainer
 from granet.trainer import lr_at_epoch
 
-from .conftest import TINY
+from .faults import FailAtEpoch
+from .helpers import TINY, run, run_tiny_plasticity, script_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_first_run_completes_every_trial(tiny_plasticity):
     out = tiny_plasticity["first"]
+    assert out["status"] == "finished"
     assert out["launched"] == {"trunk": 2, "probe": 8}
     assert out["failed"] == {"trunk": 0, "probe": 0}
-    assert tiny_plasticity["marker"].exists()  # one trial failed once and was retried
+    assert out["statuses"] == {"done": 10}
+    # one trial's Ray worker was killed once (SIGKILL) and the trial was retried
+    kill = tiny_plasticity["marker"].read_text().split()
+    starts = (tiny_plasticity["marker"].parent / "fault.marker.starts").read_text().split("\n")
+    assert sum(line.startswith(kill[0]) for line in starts) == 2
     trials = results.read_table(tiny_plasticity["dir"], "trials")
     assert sorted(trials.column("stage").to_pylist()) == ["probe"] * 8 + ["trunk"] * 2
+    killed = [t for t in trials.to_pylist() if t["key"] == kill[0]][0]
+    assert killed["resumed_from"] >= 1  # restarted from its own checkpoint, not from scratch
 
 
 def test_second_identical_run_launches_zero_trials(tiny_plasticity):
     assert tiny_plasticity["second"]["launched"] == {"trunk": 0, "probe": 0}
+    assert tiny_plasticity["second"]["statuses"] == {"done": 10}
     assert tiny_plasticity["second_s"] < tiny_plasticity["first_s"]
 
 
-def test_probe_branches_from_trunk_state_and_lr_at_t(tiny_plasticity):
+def test_adding_a_defaulted_config_field_rekeys_nothing(tiny_plasticity, monkeypatch):
+    """The key rule hashes non-default values: a new field with a default (a granet upgrade)
+    leaves every key of a finished study unchanged, and the re-run launches zero trials."""
+    import granet.config as gc
+
     sd = tiny_plasticity["dir"]
+    overrides = [f"study_dir={sd}", "ratios=[0.5]", *TINY]
+    before = load_study_config(PlasticityStudy, None, overrides, True)
+    keys = {t.key for t in before.trunks()} | {p.key for t in before.trunks()
+                                               for p, _ in before.probes(t)}
+    assert keys == set(results.read_table(sd, "trials").column("key").to_pylist())
+    new = dataclasses.make_dataclass(
+        "RunConfig", [("new_knob", int, dataclasses.field(default=3))], bases=(gc.RunConfig,))
+    monkeypatch.setattr(gc, "RunConfig", new)
+    after = load_study_config(PlasticityStudy, None, overrides, True)
+    assert after.train.run.new_knob == 3  # the new field is there...
+    keys_after = {t.key for t in after.trunks()} | {p.key for t in after.trunks()
+                                                    for p, _ in after.probes(t)}
+    assert keys_after == keys  # ...and re-keys nothing
+    again = run_tiny_plasticity(sd)
+    assert again["launched"] == {"trunk": 0, "probe": 0}
+
+
+def test_probe_branches_from_trunk_state_and_lr_at_t(tiny_plasticity):
+    from granet.branch import state_digest
+
+    sd = tiny_plasticity["dir"]
+    paths = StudyPaths(sd)
     probes = results.read_table(sd, "probes").to_pylist()
     trials = {r["key"]: r for r in results.read_table(sd, "trials").to_pylist()}
     epochs = results.read_table(sd, "epochs").to_pylist()
     assert len(probes) == 8
     for p in probes:
         trunk_cfg = config_from_dict(json.loads(trials[p["trunk_key"]]["config_json"]))
-        ckpt = load_checkpoint(trunk_checkpoint_path(sd, p["trunk_key"], p["epoch_t"]))
+        ckpt = load_checkpoint(paths.trunk_checkpoint(p["trunk_key"], p["epoch_t"]))
         # exactly the trunk's weights and masks at t (digest computed in the probe after loading)
         assert p["branch_digest"] == state_digest(ckpt["model"], ckpt["engine"]["masks"])
         lr_t = lr_at_epoch(trunk_cfg, p["epoch_t"])
@@ -70,29 +101,31 @@ def test_probe_branches_from_trunk_state_and_lr_at_t(tiny_plasticity):
             assert p["density_after"] < p["density_before"]
 
 
-def test_branch_in_process_tensors(tiny_plasticity, tmp_path):
-    """The probe's state right after loading equals the trunk checkpoint at t, tensor by tensor."""
-    from granet.study.common import load_study_config
+def test_branch_in_process_tensors(tiny_plasticity):
+    """The probe's state right after loading equals the trunk checkpoint at t, tensor by tensor;
+    after the branch, pruned-then-regrown weights are 0 and the masks are what is applied."""
+    from granet.branch import branch
 
     sd = tiny_plasticity["dir"]
     study = load_study_config(PlasticityStudy, None, [f"study_dir={sd}", "ratios=[0.5]", *TINY],
                               True)
-    _, probes = plan(study)
-    entry = next(p for p in probes if p["probe_spec"]["regen"])
-    spec = entry["probe_spec"]
-    ckpt_path = trunk_checkpoint_path(sd, entry["parent_key"], spec["epoch_t"])
-    trainer = build_trainer({"train": entry["train"]})
-    snap = tmp_path / "branch-start.pt"
-    info = branch(trainer, {**spec, "trunk_ckpt": str(ckpt_path), "snapshot": str(snap)})
-    trunk, start = load_checkpoint(ckpt_path), load_checkpoint(snap)
-    for name, value in trunk["model"].items():
-        assert torch.equal(start["model"][name], value), name
-    for m_trunk, m_start in zip(trunk["engine"]["masks"], start["masks"], strict=True):
-        assert torch.equal(m_trunk, m_start)
-    assert start["lr"] == [pytest.approx(lr_at_epoch(config_from_dict(entry["trunk"]["train"]),
-                                                     spec["epoch_t"]))] * len(start["lr"])
-    assert info["regrown"] == info["pruned"] > 0
-    # pruned-then-regrown weights start at 0 and the masks are what the engine applies
+    trunk = study.trunks()[1]
+    spec, own = next((s, o) for s, o in study.probes(trunk) if o["regen"])
+    ckpt_path = StudyPaths(sd).trunk_checkpoint(trunk.key, own["epoch_t"])
+    loaded = build_trainer(spec)
+    loaded.load_weights_and_masks(ckpt_path, optimizer=True)
+    ckpt = load_checkpoint(ckpt_path)
+    for name, value in ckpt["model"].items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    for m_trunk, m in zip(ckpt["engine"]["masks"], loaded.engine.masks, strict=True):
+        assert torch.equal(m_trunk, m)
+    lr_t = lr_at_epoch(config_from_dict(trunk.train), own["epoch_t"])
+    assert [g["lr"] for g in loaded.optimizer.param_groups] == [pytest.approx(lr_t)] * len(
+        loaded.optimizer.param_groups)
+    trainer = build_trainer(spec)
+    info = branch(trainer, ckpt_path, epoch_t=own["epoch_t"], ratio=own["ratio"],
+                  scope=own["scope"], structure=own["structure"], regen=True)
+    assert info.regrown == info.pruned > 0
     for layer, m in zip(trainer.engine.layers, trainer.engine.masks, strict=True):
         assert torch.all(layer.param.detach()[~m] == 0)
 
@@ -100,18 +133,23 @@ def test_branch_in_process_tensors(tiny_plasticity, tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("ratios=[0.2,1.5]", "ratios"),
-        ("scopes=[sideways]", "scopes"),
-        ("train.optim.lr=-1", "train.optim.lr"),
-        ("probe_epochs=[0]", "probe_epochs"),
-        ("bogus=1", "bogus"),
-        ("trunk_method=magic", "trunk_method"),
+        ("ratios=[0.2,1.5]", "ratios=[0.2, 1.5]: each must be in (0, 1)"),
+        ("scopes=[sideways]", "scopes='sideways': must be one of global, layerwise"),
+        ("train.optim.lr=-1", "train.optim.lr=-1.0: must be > 0"),
+        ("probe_epochs=[0]", "probe_epochs=[0]: each must be in [1, train.run.epochs-1=3]"),
+        ("bogus=1", "bogus: unknown field"),
+        ("trunk_method=magic", "trunk_method='magic': must be one of"),
+        ("k=0", "k=0: must be >= 1 epoch"),
+        ("trunk_densities=[]", "trunk_densities=[]"),
+        ("regen=[]", "regen=[]"),
+        ("models=[nosuchnet]", "nosuchnet"),
     ],
 )
 def test_bad_config_raises_before_any_work(tmp_path, override, needle):
     sd = tmp_path / "never"
-    with pytest.raises(ConfigError, match=needle):
-        run_plasticity_study(None, [f"study_dir={sd}", override], True)
+    with pytest.raises(ConfigError) as exc:
+        run("plasticity", [f"study_dir={sd}", override], smoke=True)
+    assert needle in str(exc.value)
     assert not sd.exists()
 
 
@@ -119,34 +157,31 @@ def test_script_smoke_test_subprocess(ray_session, tmp_path):
     """``python studies/plasticity.py --smoke-test`` end to end (joins this session's Ray via
     RAY_ADDRESS, as under ``ray job submit``)."""
     sd = tmp_path / "smoke"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "RAY_AUTH_MODE": "token"}
-    env.pop("GRANET_TEST_FAIL_ONCE", None)
     proc = subprocess.run(
         [sys.executable, str(REPO / "studies" / "plasticity.py"), "--smoke-test",
          "--set", f"study_dir={sd}", "--set", "ratios=[0.9]", "--set", "trunk_densities=[0.1]"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env={**script_env(), "RAY_AUTH_MODE": "token"}, capture_output=True,
+        text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow UI: mlflow ui --backend-store-uri sqlite:////" in proc.stdout
+    assert "plasticity study 'plasticity_mnist1d-smoke' finished" in proc.stdout
     for table in results.TABLES:
         assert results.read_table(sd, table).num_rows > 0, table
     assert (sd / "mlflow.db").is_file()
+    assert json.loads((sd / "summary.json").read_text())["status"] == "finished"
 
 
-def test_interrupted_stage_resumes_from_own_checkpoint(ray_session, tmp_path, monkeypatch):
+def test_interrupted_stage_resumes_from_own_checkpoint(ray_session, tmp_path):
     """A trunk errors at epoch 2 with no retries left: its probes wait. The re-run restores the
     stage's Tune experiment and the trunk resumes from its epoch-2 checkpoint."""
-    from .conftest import run_tiny_plasticity
-
-    marker = tmp_path / "fail.marker"
-    monkeypatch.setenv("GRANET_TEST_FAIL_ONCE", str(marker))
     extra = ["max_failures=0", "trunk_densities=[0.5]", "regen=[false]", "probe_epochs=[1]",
              "final_gap=true"]
-    first = run_tiny_plasticity(tmp_path / "s", extra, quiet=True, report=False)
+    first = run_tiny_plasticity(tmp_path / "s", extra, trainable=FailAtEpoch(tmp_path / "m"))
     assert first["failed"]["trunk"] == 1 and first["launched"]["probe"] == 0
+    assert first["status"] == "failed"
     assert results.read_table(tmp_path / "s", "trials").num_rows == 0
-    second = run_tiny_plasticity(tmp_path / "s", extra, quiet=True, report=False)
+    second = run_tiny_plasticity(tmp_path / "s", extra)
     assert second["launched"] == {"trunk": 1, "probe": 2}
     assert second["failed"] == {"trunk": 0, "probe": 0}
     trunk = results.read_table(tmp_path / "s", "trials", "trunk").to_pylist()[0]
@@ -165,7 +200,6 @@ def test_interrupted_stage_resumes_from_own_checkpoint(ray_session, tmp_path, mo
 
 def test_probe_config_continues_the_trunk_schedule():
     from granet.config import Config
-    from granet.study.plasticity import probe_config
 
     trunk = Config()
     trunk.run.epochs, trunk.optim.milestones = 160, [80, 120]

@@ -11,9 +11,12 @@ import pytest
 from matplotlib.image import imread
 
 from granet.study import results
-from granet.study.report import _lr_decays, make_report
-from granet.study.search import search_schema
-from tests.study.b_helpers import smoke_study
+from granet.study.optuna_store import search_schema
+from granet.study.paths import StudyPaths
+from granet.study.report import make_report
+from granet.study.report.figures import _lr_decays
+from granet.study.report.tables import write_compare_table
+from tests.study.helpers import run_script, smoke_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +60,8 @@ def _synthetic_study(d) -> None:
         rows.append({"study": "synth", "number": i, "state": state, "value": 0.5 + 0.05 * i,
                      "value_2": 1e6 * (1 + i % 3), "objective": "best_val_acc",
                      "objective_2": "train_flops", "direction": "max", "direction_2": "min",
-                     "params": "{}", "trial_key": f"search-{i}", "started": 0.0,
+                     "params": "{}", "trial_key": f"search-{i}", "mlflow_run_id": None,
+                     "started": 0.0,
                      "duration_s": 1.0, "best": i in (3, 5)})
     path = d / "results/search/stage=search/optuna.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,10 +84,11 @@ def test_report_from_synthetic_tables(tmp_path):
     d = tmp_path / "synth"
     d.mkdir()
     _synthetic_study(d)
-    outs = make_report(d, log_mlflow=False)
+    write_compare_table(StudyPaths(d), "synth")
+    outs = make_report(d)
     names = sorted(p.name for p in outs)
     assert names == sorted(["plasticity.png", "final_gap.png", "search_history.png",
-                            "search_pareto.png", "compare_accuracy.png", "compare_table.md"])
+                            "search_pareto.png", "compare_accuracy.png"])
     for p in outs:
         if p.suffix == ".png":
             assert p.parent == d / "figures"
@@ -108,12 +113,18 @@ def test_report_no_tables_writes_nothing(tmp_path):
     assert make_report(tmp_path) == []
     with pytest.raises(FileNotFoundError):
         make_report(tmp_path / "missing")
+    # `granet report` on a directory without results says so and fails
+    proc, _ = run_script(["-m", "granet", "report", str(tmp_path)], join_ray=False)
+    assert proc.returncode == 2
+    assert f"granet: error: study directory {str(tmp_path)!r}: holds no study results" in \
+        proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_from_real_smoke_studies_logs_to_parent_run(ray_session, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
-    for kind, want in (("compare", {"compare_accuracy.png", "compare_table.md"}),
+    for kind, want in (("compare", {"compare_accuracy.png"}),
                        ("search", {"search_history.png"})):
         d = smoke_study(kind, tmp_path_factory)["dir"]
         outs = make_report(d)

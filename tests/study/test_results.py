@@ -65,3 +65,38 @@ def test_study_tables_read_back_with_schema(tiny_plasticity):
         assert eps == list(range(1, t["epochs"] + 1))
     layers = results.read_table(sd, "layers").to_pylist()
     assert {r["stage"] for r in layers} == {"trunk", "probe"}
+
+
+def test_truncated_results_file_is_named_and_its_trial_reruns(tmp_path, caplog):
+    """A truncated Parquet file (a crash of the disk, not of our atomic writer) is named in a
+    warning, the other rows still read, and its trial no longer counts as finished."""
+    for key in ("a", "b"):
+        results.write_rows(tmp_path, "trials", "compare", key,
+                           [{"key": key, "stage": "compare", "status": "done"}])
+        results.write_rows(tmp_path, "epochs", "compare", key,
+                           [{"key": key, "stage": "compare", "epoch": 1}])
+    assert results.finished_keys(tmp_path) == {"a", "b"}
+    bad = results.table_path(tmp_path, "epochs", "compare", "b")
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    table, problems = results.scan_table(tmp_path, "epochs")
+    assert table.column("key").to_pylist() == ["a"]
+    assert list(problems) == ["b"] and str(bad) in problems["b"]
+    with caplog.at_level("WARNING", logger="granet"):
+        assert results.read_table(tmp_path, "epochs").num_rows == 1
+    assert f"results file {bad}: unreadable" in caplog.text
+    assert results.finished_keys(tmp_path) == {"a"}  # b will re-run and rewrite its files
+    results.forget_trial(tmp_path, "compare", "b")
+    assert not bad.exists() and results.trial_status(tmp_path, "compare", "b") is None
+    assert results.trial_status(tmp_path, "compare", "a") == "done"
+
+
+def test_diverged_trials_count_as_finished_failed_ones_do_not(tmp_path):
+    for key, status in (("d", "diverged"), ("f", "failed"), ("s", "stopped"), ("ok", "done")):
+        results.write_rows(tmp_path, "trials", "compare", key,
+                           [{"key": key, "stage": "compare", "status": status,
+                             "message": None if status == "done" else "why"}])
+    assert results.finished_keys(tmp_path) == {"d", "ok"}
+    assert results.done_keys(tmp_path) == {"ok"}
+    assert results.trial_statuses(tmp_path) == {"d": "diverged", "f": "failed",
+                                                "s": "stopped", "ok": "done"}

@@ -10,16 +10,15 @@ import pytest
 from optuna.trial import TrialState
 
 from granet.config import ConfigError, load_config
+from granet.study.base import load_study_config
 from granet.study.results import read_table
-from granet.study.search import (
-    PrunedAwareOptunaSearch,
-    SpaceFunction,
-    load_search_config,
-    run_search_study,
-)
-from tests.study.b_helpers import (
+from granet.study.search import SearchStudy
+from granet.study.space import SpaceFunction
+from granet.study.tune.schedulers import PrunedAwareOptunaSearch
+from tests.study.helpers import (
     TINY_SPACE,
     TINY_TRAIN,
+    run,
     seed_mlflow_db,
     smoke_study,
     tiny_search_yaml,
@@ -41,18 +40,20 @@ def test_pruned_aware_searcher_tells_pruned_complete_fail(tmp_path):
     from ray.tune.search.optuna import OptunaSearch
 
     base = {"sparsity": dict(TINY_TRAIN["sparsity"], regen_ratio=0.5, regen_min=0.005,
-                             regen_decay="cosine"), "run": {"epochs": 3}}
+                             regen_decay="cosine"), "run": {"epochs": 3},
+            "data": TINY_TRAIN["data"], "model": TINY_TRAIN["model"]}
     fn = SpaceFunction(TINY_SPACE, base, 0.5, "unit")
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
     s = PrunedAwareOptunaSearch(space=fn, metric="acc", mode="max", study_name="unit",
                                 storage=storage, full_iterations=3)
     cfgs = {t: s.suggest(t) for t in ("a", "b", "c")}
-    assert all(k.startswith("set:") for c in cfgs.values() for k in c
+    # parameter names are the dotted config keys they set
+    assert all(k.startswith("sparsity.") for c in cfgs.values() for k in c
                if k not in ("trial_key", "run_name"))
     # conditional knob: regen_min only when the decay is not constant
     for c in cfgs.values():
-        assert ("set:sparsity.regen_min" in c) == (c["set:sparsity.regen_decay"] != "constant")
-        assert c["set:sparsity.prune_end_epoch"] >= c["set:sparsity.prune_start_epoch"] + 0.5
+        assert ("sparsity.regen_min" in c) == (c["sparsity.regen_decay"] != "constant")
+        assert c["sparsity.prune_end_epoch"] >= c["sparsity.prune_start_epoch"] + 0.5
     s.on_trial_result("a", {"acc": 0.2, "epoch": 1, "training_iteration": 1})
     s.on_trial_complete("a", {"acc": 0.7, "epoch": 3, "training_iteration": 3})
     s.on_trial_result("b", {"acc": 0.1, "epoch": 1, "training_iteration": 1})
@@ -85,6 +86,12 @@ def test_pruned_aware_searcher_tells_pruned_complete_fail(tmp_path):
         ("metric=test_acc_top5", "metric='test_acc_top5': must be one of"),
         ("scheduler=hyperband", "scheduler='hyperband': must be one of none, asha"),
         ("num_samples=0", "num_samples=0: must be >= 1"),
+        ("mode=maximise", "mode='maximise': must be one of max, min"),
+        ("sampler=grid", "sampler='grid': must be one of tpe, random"),
+        ("second_objective=params", "second_objective='params': must be one of"),
+        ("asha_reduction_factor=1", "asha_reduction_factor=1.0: must be > 1"),
+        ("prune_min_window=0", "prune_min_window"),
+        ("storage=notaurl", "storage='notaurl': must be an RDB URL"),
         ("asha_grace_period=9", "asha_grace_period=9: must be in [1, train.run.epochs=3]"),
         ("storage=sqlite:///rel.db", "storage='sqlite:///rel.db': a sqlite URL must be absolute"),
         ("train.sparsity.method=rigl", "train.sparsity.method='rigl'"),
@@ -96,13 +103,14 @@ def test_bad_search_config_raises_before_any_work(tmp_path, override, needle):
     study_dir = tmp_path / "never"
     cfg = tiny_search_yaml(tmp_path / "s.yaml", study_dir)
     with pytest.raises(ConfigError) as exc:
-        run_search_study(cfg, [override])
+        run("search", [override], cfg)
     assert needle in str(exc.value)
     assert not study_dir.exists()  # nothing written, no Ray/Optuna/MLflow work
 
 
 def test_shipped_search_config_validates():
-    study, _ = load_search_config(Path(__file__).parents[2] / "studies/configs/search_mnist1d.yaml")
+    study = load_study_config(
+        SearchStudy, Path(__file__).parents[2] / "studies/configs/search_mnist1d.yaml")
     assert study.scheduler == "asha" and study.num_samples == 30
 
 
@@ -117,9 +125,9 @@ def test_search_smoke_script_and_best_config_trains(ray_session, tmp_path_factor
     best = Path(s["best_config"])
     assert best == d / "best_config.yaml"
     cfg = load_config(best)  # a plain granet config
-    assert cfg.sparsity.regen_ratio == pytest.approx(s["best_params"]["set:sparsity.regen_ratio"])
+    assert cfg.sparsity.regen_ratio == pytest.approx(s["best_params"]["sparsity.regen_ratio"])
     for key, value in s["best_params"].items():
-        group, name = key[4:].split(".")
+        group, name = key.split(".")
         assert getattr(getattr(cfg, group), name) == value
     # `granet train best_config.yaml` runs it as is
     from granet.cli import main
@@ -138,13 +146,13 @@ def test_search_resume_exact_count_no_duplicates(ray_session, tmp_path, tmp_path
         optim=dict(TINY_TRAIN["optim"], milestones=[1]),
         sparsity=dict(TINY_TRAIN["sparsity"], prune_end_epoch=1.5)),
         "space": dict(TINY_SPACE, prune_end_epoch={"low": 1.0, "high": 2.0})})
-    first = run_search_study(cfg, ["num_samples=2", "max_concurrent=1"], progress=False)
-    assert first["ran_this_pass"] == 2 and first["finished_trials"] == 2
+    first = run("search", ["num_samples=2", "max_concurrent=1"], cfg)
+    assert first["launched"] == {"search": 2} and first["finished_trials"] == 2
     first_params = [t.params for t in _study(d).trials]
     # An interrupted pass leaves a RUNNING trial behind: it must not count, nor block.
     _study(d).ask()
-    second = run_search_study(cfg, ["num_samples=4", "max_concurrent=1"], progress=False)
-    assert second["ran_this_pass"] == 2  # Ray ran only the missing trials
+    second = run("search", ["num_samples=4", "max_concurrent=1"], cfg)
+    assert second["launched"] == {"search": 2}  # Ray ran only the missing trials
     trials = _study(d).trials
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == 4
@@ -156,8 +164,8 @@ def test_search_resume_exact_count_no_duplicates(ray_session, tmp_path, tmp_path
     done = read_table(d, "trials", "search").column("key").to_pylist()
     assert sorted(done) == sorted(keys)
     # Asking again for 4 runs nothing.
-    third = run_search_study(cfg, ["num_samples=4"], progress=False)
-    assert third["ran_this_pass"] == 0 and third["finished_trials"] == 4
+    third = run("search", ["num_samples=4"], cfg)
+    assert third["launched"] == {"search": 0} and third["finished_trials"] == 4
     assert (d / "best_config.yaml").is_file()
 
 
@@ -167,7 +175,7 @@ def test_asha_stopped_trials_are_pruned_in_optuna(ray_session, tmp_path, tmp_pat
     cfg = tiny_search_yaml(tmp_path / "s.yaml", d, scheduler="asha", asha_grace_period=1,
                            asha_reduction_factor=3, metric="val_loss", mode="min",
                            num_samples=5, max_concurrent=1)
-    summary = run_search_study(cfg, [], progress=False)
+    summary = run("search", [], cfg)
     assert summary["finished_trials"] == 5
     trials = _study(d).trials
     epochs = read_table(d, "epochs", "search").to_pylist()
@@ -195,9 +203,16 @@ def test_asha_stopped_trials_are_pruned_in_optuna(ray_session, tmp_path, tmp_pat
                               filter_string="tags.`granet.stage` = 'search'")
     status = {r.data.tags["granet.trial_key"]: (r.info.status, r.data.tags["optuna.state"])
               for r in runs}
+    by_key = {r.data.tags["granet.trial_key"]: r for r in runs}
     for t in trials:
         want = ("KILLED", "PRUNED") if t.state == TrialState.PRUNED else ("FINISHED", "COMPLETE")
         assert status[t.user_attrs["trial_key"]] == want
+        # every epoch an ASHA-stopped trial reported is in MLflow (logged before tune.report)
+        hist = client.get_metric_history(by_key[t.user_attrs["trial_key"]].info.run_id,
+                                         "val_loss")
+        assert sorted(m.step for m in hist) == list(range(1, last[t.user_attrs["trial_key"]] + 1))
+        if t.state == TrialState.PRUNED:
+            assert by_key[t.user_attrs["trial_key"]].data.tags["granet.pruned"] == "true"
 
 
 def test_multi_objective_reports_pareto_front(ray_session, tmp_path, tmp_path_factory):
@@ -205,7 +220,7 @@ def test_multi_objective_reports_pareto_front(ray_session, tmp_path, tmp_path_fa
     seed_mlflow_db(d, tmp_path_factory)
     cfg = tiny_search_yaml(tmp_path / "s.yaml", d, multi_objective=True, num_samples=3,
                            max_concurrent=1)
-    summary = run_search_study(cfg, [], progress=False)
+    summary = run("search", [], cfg)
     ost = _study(d)
     assert [x.name for x in ost.directions] == ["MAXIMIZE", "MINIMIZE"]
     front = ost.best_trials

@@ -7,7 +7,8 @@ from mlflow.tracking import MlflowClient
 
 from granet.study import results
 
-from .conftest import run_tiny_plasticity
+from .faults import FailAtEpoch
+from .helpers import run_tiny_plasticity
 
 
 def _check_tracking(uri: str, parent_run_id: str, study_dir, marker) -> None:
@@ -29,12 +30,14 @@ def _check_tracking(uri: str, parent_run_id: str, study_dir, marker) -> None:
         assert run.data.tags["granet.stage"] == t["stage"]
         assert run.data.tags["granet.study"] == t["study"]
         assert run.data.tags["granet.parent_key"] == (t["parent_key"] or "")
+        # params: the study-level fields and the non-default training values only
         assert run.data.params["train.run.epochs"] == str(t["epochs"])
-        assert "train.optim.lr" in run.data.params
+        assert "train.optim.betas" not in run.data.params  # a default (and AdamW-only)
+        assert not any(k.startswith("spec.") for k in run.data.params)
         hist = client.get_metric_history(run.info.run_id, "test_acc")
         assert sorted(m.step for m in hist) == list(range(1, t["epochs"] + 1)), t["key"]
     # the trial that failed once at epoch 2 and was retried has one run with one point per epoch
-    failed_key = marker.read_text()
+    failed_key = marker.read_text().split()[0]
     assert keys.count(failed_key) == 1
     arts = [a.path for a in client.list_artifacts(by_key[failed_key].info.run_id)]
     assert "layer_densities.csv" in arts
@@ -50,12 +53,11 @@ def test_sqlite_parent_children_retry(tiny_plasticity):
     assert tiny_plasticity["second"]["parent_run_id"] == out["parent_run_id"]
 
 
-def test_mlflow_server_parent_children_retry(ray_session, mlflow_server, tmp_path, monkeypatch):
+def test_mlflow_server_parent_children_retry(ray_session, mlflow_server, tmp_path):
     marker = tmp_path / "fail-once.marker"
-    monkeypatch.setenv("GRANET_TEST_FAIL_ONCE", str(marker))
     out = run_tiny_plasticity(
         tmp_path / "study", ["trunk_densities=[0.5]", "probe_epochs=[3]", "regen=[true]"],
-        tracking_uri=mlflow_server,
+        tracking_uri=mlflow_server, trainable=FailAtEpoch(marker),
     )
     assert out["launched"] == {"trunk": 1, "probe": 1}
     assert out["tracking_uri"] == mlflow_server

@@ -1,5 +1,5 @@
-"""Helpers of engineer B's study tests: smoke studies run once per test session (subprocess),
-tiny study YAMLs."""
+"""Helpers of the study tests: tiny study YAMLs, studies run in-process or as scripts, smoke
+studies run once per test session (subprocess)."""
 
 from __future__ import annotations
 
@@ -65,23 +65,59 @@ def tiny_search_yaml(path: Path, study_dir: Path, **fields: Any) -> Path:
     return path
 
 
-def parse_summary(stdout: str) -> dict[str, Any]:
-    """The JSON summary the study scripts print at the end (before the MLflow UI line)."""
-    i = stdout.rfind("\n{\n") + 1 if not stdout.startswith("{\n") else 0
-    return json.loads(stdout[i : stdout.rfind("\n}") + 2])
+TINY = [
+    "train.data.num_samples=1000",
+    "train.data.batch_size=64",
+    "train.model.name=mlp",
+    "train.model.kwargs={hidden: [32, 32]}",
+]
 
 
-def run_script(args: list[str], timeout: float = 400) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a script; it joins this process's Ray cluster when there is one (RAY_ADDRESS), as a
-    study submitted to a running cluster would (saves a second cluster start on 2 cores)."""
+def run(kind: str, overrides: list[str], config: Path | None = None, *, smoke: bool = False,
+        **kw: Any) -> dict[str, Any]:
+    """Run a study in this process (joins the session's Ray), quietly by default."""
+    from granet.study.cli import study_class
+    from granet.study.driver import run_study
+
+    kw.setdefault("quiet", True)
+    return run_study(study_class(kind), config, overrides, smoke_test=smoke, **kw)
+
+
+def run_tiny_plasticity(study_dir: Path, extra: list[str] = (), **kw: Any) -> dict[str, Any]:
+    """2 trunks (dense, 10 %) x probes at t=1,3 x ratio 0.5 x regen off/on (10 trials)."""
+    return run("plasticity", [f"study_dir={study_dir}", "ratios=[0.5]", *TINY, *extra],
+               smoke=True, **kw)
+
+
+def tiny_compare_yaml(path: Path, study_dir: Path, **fields: Any) -> Path:
+    data = {"name": "tiny_compare", "study_dir": str(study_dir), "seeds": [0, 1],
+            "sparsities": [0.9], "train": TINY_TRAIN, **fields}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def summary_of(study_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(study_dir) / "summary.json").read_text())
+
+
+def script_env(join_ray: bool = True) -> dict[str, str]:
+    """The environment of a study subprocess: it joins this process's Ray cluster when there is
+    one (RAY_ADDRESS), as a study submitted to a running cluster would (saves a second cluster
+    start on 2 cores)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     import ray
 
-    if ray.is_initialized():
+    if join_ray and ray.is_initialized():
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
+def run_script(args: list[str], timeout: float = 400,
+               join_ray: bool = True) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a script or ``-m granet ...`` with the test's Python; (process, seconds)."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=script_env(join_ray),
+                          capture_output=True, text=True, timeout=timeout)
     return proc, time.time() - t0
 
 
@@ -94,6 +130,6 @@ def smoke_study(kind: str, tmp_path_factory: Any) -> dict[str, Any]:
             [f"studies/{kind}.py", "--smoke-test", "--set", f"study_dir={study_dir}"]
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        _SMOKE[kind] = {"dir": study_dir, "summary": parse_summary(proc.stdout),
+        _SMOKE[kind] = {"dir": study_dir, "summary": summary_of(study_dir),
                         "seconds": seconds, "stdout": proc.stdout}
     return _SMOKE[kind]

@@ -1,7 +1,8 @@
-"""Study reports drawn from the Parquet tables alone (matplotlib, Agg backend).
+"""Study figures drawn from the Parquet tables alone (matplotlib, Agg backend).
 
 ``make_report(study_dir) -> list[Path]`` draws what the tables of a study directory allow and
-returns the files written (PNGs under ``<study_dir>/figures/``, plus ``compare_table.md``):
+returns the files written (under ``<study_dir>/figures/``); the study driver logs them to the
+study's parent MLflow run.
 
 - ``plasticity.png`` (table ``probes``, kind ``plasticity``): pruning plasticity (mean over seeds)
   vs the epoch of pruning t, one line per prune ratio p, one panel per trunk sparsity, row 1
@@ -9,27 +10,16 @@ returns the files written (PNGs under ``<study_dir>/figures/``, plus ``compare_t
   trunk's ``config_json`` in ``trials`` (multistep milestones), else from drops of ``lr`` in the
   trunk's ``epochs`` rows, else from drops of ``probes.lr_t``);
 - ``final_gap.png`` (probes of kind ``gap``, if any): the same layout for the final gap;
-- ``search_history.png`` (table ``search``, written by :mod:`granet.study.search`): objective per
-  Optuna trial (COMPLETE filled, PRUNED hollow) and the best-so-far line; for a multi-objective
-  search ``search_pareto.png``: the two objectives, Pareto front highlighted;
-- ``compare_accuracy.png`` and ``compare_table.md`` (table ``trials``, stage ``compare``): the
-  comparison table (:func:`granet.study.compare.compare_table`) and test accuracy at the best
-  validation epoch vs sparsity, one line per method, error bars = std over seeds.
-
-The figures are also logged to the study's parent MLflow run (tags ``granet.stage=study``,
-``granet.study=<name>``) under ``figures/``, found through ``tracking_uri`` (default: the
-environment's ``MLFLOW_TRACKING_URI``, else ``<study_dir>/mlflow.db`` when it exists).
-
-Columns used (A's results.py schemas): probes: trunk_key, kind, trunk_density, epoch_t, ratio,
-regen, plasticity, final_gap, lr_t, seed; trials: key, study, stage, config_json, spec_json;
-epochs: key, stage, epoch, lr. Search table: see :data:`granet.study.search.SEARCH_SCHEMA`.
+- ``search_history.png`` (table ``search``): objective per Optuna trial (COMPLETE filled, PRUNED
+  hollow) and the best-so-far line; for a multi-objective search ``search_pareto.png``;
+- ``compare_accuracy.png`` (``compare_table.parquet``): test accuracy at the best validation epoch
+  vs sparsity, one line per method, error bars = std over seeds.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from granet.io import atomic_write  # noqa: E402
+from granet.study.paths import StudyPaths  # noqa: E402
 from granet.study.results import read_table  # noqa: E402
 
 __all__ = [
@@ -52,14 +44,10 @@ __all__ = [
 
 def read_search_table(study_dir: str | Path) -> Any:
     """The ``search`` table (Optuna snapshot) or None when the study has none."""
-    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
-    root = Path(study_dir) / "results" / "search"
-    files = sorted(str(p) for p in root.rglob("*.parquet")
-                   if not p.name.startswith((".", "_"))) if root.is_dir() else []
-    if not files:
-        return None
-    return ds.dataset(files, format="parquet").to_table()
+    path = StudyPaths(study_dir).search_table
+    return pq.read_table(path) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,15 +215,15 @@ def plot_search(study_dir: str | Path, figdir: str | Path) -> list[Path]:
 
 
 def plot_compare(study_dir: str | Path, figdir: str | Path) -> list[Path]:
-    """``compare_table.md`` (+ Parquet) and the accuracy-vs-sparsity figure."""
-    from granet.study.compare import write_compare_table
+    """The accuracy-vs-sparsity figure of a comparison study (from compare_table.parquet)."""
+    import pyarrow.parquet as pq
 
-    trials = read_table(study_dir, "trials", "compare")
-    if trials.num_rows == 0:
+    paths = StudyPaths(study_dir)
+    if not paths.compare_parquet.is_file():
         return []
-    names = sorted({n for n in trials.column("study").to_pylist() if n}) or [Path(study_dir).name]
-    md, _, table = write_compare_table(study_dir, f"Comparison study {', '.join(names)}")
-    rows = table.to_pylist()
+    rows = pq.read_table(paths.compare_parquet).to_pylist()
+    if not rows:
+        return []
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     for i, lab in enumerate(labels):
@@ -254,7 +242,7 @@ def plot_compare(study_dir: str | Path, figdir: str | Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return [_save(fig, Path(figdir) / "compare_accuracy.png"), md]
+    return [_save(fig, Path(figdir) / "compare_accuracy.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,59 +250,18 @@ def plot_compare(study_dir: str | Path, figdir: str | Path) -> list[Path]:
 
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
-def _study_names(study_dir: Path) -> set[str]:
-    names: set[str] = set()
-    for table in ("trials", "probes"):
-        t = read_table(study_dir, table)
-        names |= {n for n in t.column("study").to_pylist() if n}
-    s = read_search_table(study_dir)
-    if s is not None:
-        names |= {n for n in s.column("study").to_pylist() if n}
-    return names
-
-
-def log_to_parent_runs(study_dir: str | Path, paths: list[Path],
-                       tracking_uri: str | None = None) -> list[str]:
-    """Log ``paths`` to the parent MLflow run of every study found in ``study_dir``."""
-    study_dir = Path(study_dir).resolve()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None:
-        db = study_dir / "mlflow.db"
-        if not db.is_file():
-            return []
-        uri = f"sqlite:///{db}"
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp_ids = [e.experiment_id for e in client.search_experiments()]
-    run_ids: list[str] = []
-    for name in sorted(_study_names(study_dir)):
-        runs = client.search_runs(
-            exp_ids, filter_string=f"tags.`granet.stage` = 'study' and tags.`granet.study` = "
-                                   f"'{name}'", max_results=5)
-        for run in runs:
-            for p in paths:
-                sub = "figures" if p.suffix == ".png" else "tables"
-                client.log_artifact(run.info.run_id, str(p), sub)
-            run_ids.append(run.info.run_id)
-    return run_ids
-
-
-def make_report(study_dir: str | Path, *, tracking_uri: str | None = None,
-                log_mlflow: bool = True) -> list[Path]:
-    """Draw every figure the study's Parquet tables allow; return the files written."""
+def make_report(study_dir: str | Path) -> list[Path]:
+    """Draw every figure the study's tables allow; return the files written (nothing when the
+    directory holds no results)."""
     study_dir = Path(study_dir).resolve()
     if not study_dir.is_dir():
         raise FileNotFoundError(f"study directory {str(study_dir)!r}: not found")
-    figdir = study_dir / "figures"
+    figdir = StudyPaths(study_dir).figures
     outs: list[Path] = []
     for kind, name in (("plasticity", "plasticity.png"), ("gap", "final_gap.png")):
         p = plot_plasticity(study_dir, figdir / name, kind)
@@ -322,6 +269,4 @@ def make_report(study_dir: str | Path, *, tracking_uri: str | None = None,
             outs.append(p)
     outs += plot_search(study_dir, figdir)
     outs += plot_compare(study_dir, figdir)
-    if log_mlflow and outs:
-        log_to_parent_runs(study_dir, outs, tracking_uri)
     return outs

@@ -1,0 +1,38 @@
+"""How a granet command ends: one line for the errors a user can act on, and an exit status."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["run_command"]
+
+
+def _error(msg: Any, code: int) -> int:
+    print(f"granet: error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_command(fn: Any) -> int:
+    """Run a command; map the errors a user can act on to one line and an exit status:
+    2 bad input or an unusable environment (nothing done), 1 failed mid-way, 130 interrupted."""
+    import errno
+
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, CheckpointError, ...
+        return _error(exc, 2)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            return _error(f"{exc.strerror}: {exc.filename or ''}; free space or choose a "
+                          "writable location (what finished is kept)", 1)
+        raise
+    except RuntimeError as exc:
+        kind = type(exc).__name__
+        if kind == "StudyInterrupted":
+            return _error(exc, 130)
+        if kind in ("ServiceError", "StudyLocked", "StudyEnvironmentError"):
+            return _error(exc, 2)
+        raise

@@ -1,0 +1,413 @@
+"""The one lifecycle every study shares.
+
+``run_study(StudyClass, config, ...)``:
+
+1. load and validate the study config, every trial config and the user's code (one model built,
+   one batch through it) - a :class:`~granet.config.ConfigError` before anything is written;
+2. check the services up front, in seconds: the MLflow tracking URI, the Ray address, and (for a
+   local Ray) that this machine has the CPUs/GPUs a trial asks for;
+3. create the study directory and take its lock (one driver per study directory);
+4. start or join Ray; open (or reopen) the study's parent MLflow run;
+5. run the study's stages (``study.plan()``): restore the stage's unfinished Tune experiments,
+   then launch what is still missing - finished trials (Parquet ``trials`` rows) never re-run;
+6. ``study.summarize()`` and the report figures; the parent run gets the summary's metrics, the
+   figures and tables, and its status: FINISHED, FAILED (a trial failed) or KILLED (Ctrl-C).
+
+Ctrl-C ends with :class:`StudyInterrupted` (exit 130): no MLflow run is left RUNNING, nothing is
+reported as finished, and running the same command again resumes the study.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from granet.config import Config, ConfigError
+from granet.io import atomic_write_text
+from granet.study import results
+from granet.study.base import StudyConfig, TrialContext, TrialSpec, load_study_config
+from granet.study.lock import StudyLock
+from granet.study.paths import StudyPaths
+from granet.study.stages import GridStage, SearchStage
+from granet.study.tracking import StudyTracker, check_tracking_uri
+
+__all__ = ["StudyEnvironmentError", "StudyInterrupted", "StudyRun", "run_study",
+           "resolve_tracking_uri"]
+
+log = logging.getLogger("granet")
+
+
+class StudyInterrupted(RuntimeError):
+    """The study was stopped (Ctrl-C); what finished is kept and a re-run resumes."""
+
+
+class StudyEnvironmentError(RuntimeError):
+    """The study directory cannot be used (a file in the way, no permission, disk full)."""
+
+
+_ENV_FIXES = {
+    errno.ENOSPC: "free some space (or choose a study_dir on a larger disk); finished trials "
+                  "are kept and a re-run continues",
+    errno.EDQUOT: "free some space under your quota; finished trials are kept",
+    errno.EROFS: "the file system is read-only: choose a writable study_dir",
+    errno.EACCES: "no permission: choose a study_dir you can write to",
+    errno.EPERM: "no permission: choose a study_dir you can write to",
+    errno.ENOTDIR: "a regular file stands where a directory must be: choose another study_dir",
+    errno.EEXIST: "a file stands where a directory must be: choose another study_dir",
+}
+
+
+def environment_error(exc: OSError, what: str) -> StudyEnvironmentError | None:
+    """A clear error for the OS faults a user can fix (None for others)."""
+    fix = _ENV_FIXES.get(exc.errno or 0)
+    if fix is None:
+        return None
+    where = exc.filename or what
+    return StudyEnvironmentError(f"{what}: {exc.strerror} ({where}); {fix}")
+
+
+def resolve_tracking_uri(study: StudyConfig, paths: StudyPaths) -> tuple[str, str]:
+    """(URI, where it came from): the study's ``tracking_uri`` (or --tracking-uri), else
+    MLFLOW_TRACKING_URI, else the study directory's sqlite store."""
+    if study.tracking_uri:
+        return study.tracking_uri, "tracking_uri"
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        if env.startswith("sqlite:///") and not env.startswith("sqlite:////"):
+            # relative sqlite path: pin it to the driver's cwd (workers run elsewhere)
+            env = "sqlite:///" + str(Path(env[len("sqlite:///"):]).resolve())
+        from granet.study.base import check_tracking_uri_form
+
+        check_tracking_uri_form(env, "MLFLOW_TRACKING_URI (environment)")
+        return env, "MLFLOW_TRACKING_URI (environment)"
+    return paths.default_tracking_uri(), "the default <study_dir>/mlflow.db"
+
+
+@dataclass
+class StudyRun:
+    """What a study's ``plan()`` and ``summarize()`` see of the running study."""
+
+    study: StudyConfig
+    paths: StudyPaths
+    tracker: StudyTracker | None = None
+    quiet: bool = False
+    fresh: bool = False
+    launched: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    planned: Counter = field(default_factory=Counter)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def finished_keys(self, stage: str | None = None) -> set[str]:
+        return results.finished_keys(self.paths.root, stage)
+
+
+def _make_study_dir(paths: StudyPaths) -> None:
+    root = paths.root
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StudyEnvironmentError(
+                    f"study_dir={str(root)!r}: {str(parent)!r} is a regular file, not a "
+                    "directory; choose another study_dir"
+                )
+            break
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        err = environment_error(exc, f"study_dir={str(root)!r}")
+        if err is None:
+            raise
+        raise err from None
+
+
+def _preflight(study: StudyConfig) -> None:
+    """Build each distinct model/data pair once and run one batch (user code errors surface
+    here, not in every Ray worker)."""
+    try:
+        from granet.preflight import check_user_code
+    except ImportError:  # pragma: no cover - granet.preflight ships with granet
+        return
+    seen: set[str] = set()
+    for cfg in study.trial_configs():
+        ident = json.dumps([cfg.model.name, cfg.model.kwargs, cfg.data.name,
+                            cfg.data.num_samples], sort_keys=True, default=str)
+        if ident not in seen:
+            seen.add(ident)
+            check_user_code(cfg)
+
+
+def _default_trainable() -> Any:
+    from granet.study.tune.trainable import granet_trainable
+
+    return granet_trainable
+
+
+def _stage_experiments(run: StudyRun, stage: str) -> list[dict[str, Any]]:
+    p = run.paths.experiments_manifest(stage)
+    if not p.is_file():
+        return []
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        log.warning("granet: warning: %s is unreadable; its experiments are not restored", p)
+        return []
+
+
+def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any,
+              callbacks: list[Any]) -> None:
+    """Restore this stage's unfinished Tune experiments, then launch one new experiment for
+    what is still missing. ``<study_dir>/ray/<stage>-experiments.json`` lists every experiment
+    with its keys, written before it starts, so an interrupted one is found and restored."""
+    from granet.study.tune.progress import ProgressLine
+    from granet.study.tune.tuner import can_restore, grid_of, run_tuner
+
+    run.planned[stage.name] += stage.planned
+    run.launched[stage.name] += 0
+    run.failed[stage.name] += 0
+    wanted = {t.key for t in stage.trials}
+    exps = _stage_experiments(run, stage.name)
+    manifest = run.paths.experiments_manifest(stage.name)
+
+    def progress(total: int) -> ProgressLine:
+        return ProgressLine(stage.name, total, metric=stage.metric, mode=stage.mode,
+                            failures_dir=str(run.paths.failures))
+
+    for exp in exps if not run.fresh else []:
+        left = set(exp["keys"]) & wanted
+        path = run.paths.experiment(exp["name"])
+        if not left or not can_restore(path):
+            continue
+        grid = run_tuner(run.study, experiment=exp["name"], storage=run.paths.ray,
+                         trainable=trainable, restore=True,
+                         callbacks=[*callbacks, progress(len(left))])
+        _account(run, stage.name, grid, len(left))
+        wanted -= run.finished_keys(stage.name)
+    todo = [t for t in stage.trials if t.key in wanted]
+    if not todo:
+        return
+    import hashlib
+
+    name = f"{stage.name}-" + hashlib.sha256(
+        ",".join(sorted(t.key for t in todo)).encode()).hexdigest()[:10]
+    while run.paths.experiment(name).exists():
+        name += "x"
+    exps.append({"name": name, "keys": sorted(t.key for t in todo)})
+    atomic_write_text(manifest, json.dumps(exps, indent=1))
+    grid = run_tuner(
+        run.study, experiment=name, storage=run.paths.ray, trainable=trainable,
+        param_space={"trial": grid_of([t.to_dict() for t in todo]), "context": ctx.to_dict()},
+        metric=stage.metric, mode=stage.mode, callbacks=[*callbacks, progress(len(todo))],
+    )
+    _account(run, stage.name, grid, len(todo))
+
+
+def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable: Any,
+                callbacks: list[Any]) -> None:
+    from granet.study.tune.progress import ProgressLine
+    from granet.study.tune.tuner import run_tuner
+
+    run.planned[stage.name] += stage.planned
+    run.launched[stage.name] += 0
+    run.failed[stage.name] += 0
+    if stage.num_samples <= 0:
+        return
+    import time as _time
+
+    grid = run_tuner(
+        run.study, experiment=f"{stage.name}-{_time.strftime('%Y%m%d-%H%M%S')}",
+        storage=run.paths.ray, trainable=trainable,
+        param_space={"trial": stage.trial, "context": ctx.to_dict()},
+        num_samples=stage.num_samples, search_alg=stage.searcher, scheduler=stage.scheduler,
+        metric=stage.metric, mode=stage.mode,
+        callbacks=[*callbacks, ProgressLine(stage.name, stage.num_samples, metric=stage.metric,
+                                            mode=stage.mode,
+                                            failures_dir=str(run.paths.failures))],
+    )
+    _account(run, stage.name, grid, stage.num_samples)
+
+
+def _account(run: StudyRun, stage: str, grid: Any, launched: int) -> None:
+    from granet.study.tune.tuner import tune_outcome
+
+    ended, errors, interrupted = tune_outcome(grid)
+    run.launched[stage] += launched
+    run.failed[stage] += errors
+    if interrupted:
+        raise StudyInterrupted(f"[{stage}] interrupted: {ended} of {len(grid)} trials ended")
+
+
+def _status_counts(paths: StudyPaths) -> dict[str, int]:
+    t = results.read_table(paths.root, "trials")
+    return dict(Counter(t.column("status").to_pylist()))
+
+
+def run_study(
+    cls: type[StudyConfig],
+    config: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    smoke_test: bool = False,
+    fresh: bool = False,
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    quiet: bool = False,
+    trainable: Any = None,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or complete) a study; return its summary (also ``summary.json``).
+
+    ``trainable`` and ``callbacks`` replace or extend the Tune trainable and callbacks (tests
+    inject faults this way, as Ray's ``FailureInjectorCallback`` does).
+    """
+    t0 = time.time()
+    study = load_study_config(cls, config, overrides, smoke_test, tracking_uri)
+    _preflight(study)
+    paths = StudyPaths(study.study_dir)
+    uri, origin = resolve_tracking_uri(study, paths)
+    if uri != paths.default_tracking_uri():  # the default store is created with the study dir
+        check_tracking_uri(uri, origin=origin)
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    from granet.study.tune import tuner as tn
+
+    if address:
+        tn.check_ray_address(address)
+    else:
+        tn.check_local_resources(study)
+    local_store = uri == paths.default_tracking_uri()
+    _make_study_dir(paths)
+    run = StudyRun(study, paths, quiet=quiet, fresh=fresh)
+    try:
+        with StudyLock(paths.lock):
+            return _run_locked(run, uri, local_store, address, t0,
+                               trainable or _default_trainable(), list(callbacks or []))
+    except OSError as exc:
+        err = environment_error(exc, f"study {study.name!r} in {str(paths.root)!r}")
+        if err is None:
+            raise
+        raise err from None
+
+
+def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None, t0: float,
+                trainable: Any, callbacks: list[Any]) -> dict[str, Any]:
+    from granet.study.tune import tuner as tn
+
+    study, paths = run.study, run.paths
+    started = tn.ensure_ray(address)
+    try:
+        if address:
+            tn.check_cluster_resources(study)
+        tracker = StudyTracker(uri, experiment=study.experiment, study=study.name,
+                               kind=study.kind,
+                               artifact_root=paths.mlflow_artifacts if local_store else None)
+        run.tracker = tracker
+        from granet.study.base import study_to_dict
+
+        tracker.log_params(study.parent_params())
+        atomic_write_text(paths.study_json,
+                          json.dumps(study_to_dict(study), indent=2, default=str))
+        ctx = TrialContext(study_dir=str(paths.root), tracking=tracker.tracking_info(),
+                           num_threads=max(1, int(study.cpus_per_trial)))
+        try:
+            for stage in study.plan(run):
+                if isinstance(stage, GridStage):
+                    _run_grid(run, stage, ctx, trainable, callbacks)
+                else:
+                    _run_search(run, stage, ctx, trainable, callbacks)
+            outputs = study.summarize(run)
+        except (KeyboardInterrupt, StudyInterrupted) as exc:
+            _close(tracker, "KILLED")
+            summary = _summary(run, "interrupted", t0, {})
+            _write_summary(paths, summary)
+            cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else "the same command"
+            msg = str(exc) if isinstance(exc, StudyInterrupted) else "interrupted"
+            raise StudyInterrupted(
+                f"{msg}; finished trials are kept in {paths.root}. Resume with: {cmd}"
+            ) from None
+        except BaseException:
+            _close(tracker, "FAILED")
+            raise
+        figures = _report(run)
+        failed = sum(run.failed.values())
+        status = "failed" if failed else "finished"
+        summary = _summary(run, status, t0, outputs, figures)
+        _write_summary(paths, summary)
+        try:
+            tracker.log_metrics(outputs.get("metrics") or {})
+            tracker.log_artifacts([p for p in outputs.get("files", []) if Path(p).exists()]
+                                  + [paths.summary], "tables")
+            tracker.log_artifacts(figures, "figures")
+        except Exception as exc:  # noqa: BLE001 - a finished study is kept whatever MLflow says
+            log.warning("granet: warning: study artifacts not logged to MLflow (%s: %s)",
+                        type(exc).__name__, exc)
+        _close(tracker, "FAILED" if failed else "FINISHED")
+        return summary
+    finally:
+        if started:
+            tn.shutdown_ray()
+
+
+def _close(tracker: StudyTracker, status: str) -> None:
+    try:
+        tracker.close_running_children("KILLED")
+        tracker.finish(status)
+    except Exception as exc:  # noqa: BLE001 - already on an error path: keep the first error
+        log.warning("granet: warning: MLflow parent run not closed as %s (%s: %s)", status,
+                    type(exc).__name__, exc)
+
+
+def _report(run: StudyRun) -> list[str]:
+    from granet.study.report import make_report
+
+    try:
+        return [str(p) for p in make_report(run.paths.root)]
+    except Exception as exc:  # noqa: BLE001 - the report must not lose a finished study
+        log.warning("granet: warning: report failed (%s: %s); draw it later with "
+                    "`granet report %s`", type(exc).__name__, exc, run.paths.root)
+        return []
+
+
+def _summary(run: StudyRun, status: str, t0: float, outputs: dict[str, Any],
+             figures: list[str] = ()) -> dict[str, Any]:
+    tracker = run.tracker
+    extra = {k: v for k, v in outputs.items() if k not in ("files", "metrics")}
+    return {
+        "study": run.study.name, "kind": run.study.kind, "status": status,
+        "study_dir": str(run.paths.root),
+        "planned": dict(run.planned), "launched": dict(run.launched),
+        "failed": dict(run.failed), "statuses": _status_counts(run.paths),
+        "tracking_uri": tracker.uri if tracker else None,
+        "parent_run_id": tracker.parent_run_id if tracker else None,
+        "mlflow_ui": tracker.ui_command() if tracker else None,
+        "outputs": [str(p) for p in outputs.get("files", [])],
+        "figures": list(figures), "seconds": round(time.time() - t0, 2),
+        **extra,
+    }
+
+
+def _write_summary(paths: StudyPaths, summary: dict[str, Any]) -> None:
+    atomic_write_text(paths.summary, json.dumps(summary, indent=2, default=str))
+
+
+def trial_configs_of(specs: list[TrialSpec]) -> list[Config]:
+    """The validated training configs of trial specs (for pre-flight checks)."""
+    out = []
+    for s in specs:
+        try:
+            out.append(s.config())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return out

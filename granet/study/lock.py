@@ -1,0 +1,93 @@
+"""One driver per study directory: an exclusive lock file with host, PID and start time.
+
+The lock is an ``fcntl.flock`` on ``<study_dir>/.lock``: the kernel releases it when the holder
+dies, so a lock left by a killed driver on this host is stale by construction and is taken over.
+The file's JSON names the holder, so a second driver refuses with a message that says who holds
+it. On a shared file system where ``flock`` is not coherent across hosts, a lock file written by
+another host is honoured until the user deletes it (the message says so).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["StudyLock", "StudyLocked"]
+
+
+class StudyLocked(RuntimeError):
+    """Another driver runs on this study directory."""
+
+
+class StudyLock:
+    """Context manager holding the study directory's lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        host = socket.gethostname()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            h = self._holder()
+            raise StudyLocked(
+                f"study directory {str(self.path.parent)!r} is in use by another granet driver "
+                f"(pid {h.get('pid', '?')} on {h.get('host', '?')}, started "
+                f"{h.get('started', '?')}): wait for it to finish, or stop it first"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder released (unlinked) it between our open and flock: retry
+            os.close(fd)
+            return self.acquire()
+        held = self._holder()
+        if held.get("host") and held.get("host") != host:
+            os.close(fd)
+            raise StudyLocked(
+                f"study directory {str(self.path.parent)!r} is locked by a driver on host "
+                f"{held['host']!r} (pid {held.get('pid')}, started {held.get('started')}); if "
+                f"that run is no longer alive, delete {str(self.path)!r} and start again"
+            )
+        info = {"host": host, "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,108 @@
+"""Console progress of a stage: one line per failure and at most one every few seconds.
+
+``[probe] 12/160 done, 2 running, 0 failed | best test_acc 0.8120 (p0.5 t14 regen | d0.1)``.
+Counts are of distinct trials (a retried or restored trial counts once), so they never exceed
+the stage's total. A failed trial's error is copied into the study directory
+(``failures/<key>.txt``) and that copy is what the line points at.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+__all__ = ["ProgressLine"]
+
+
+def _trial_field(trial: Any, name: str) -> Any:
+    cfg = trial.config or {}
+    if name == "key" and cfg.get("trial_key"):
+        return cfg["trial_key"]
+    if name == "run_name" and cfg.get("run_name"):
+        return cfg["run_name"]
+    return (cfg.get("trial") or {}).get(name)
+
+
+class ProgressLine(Callback):
+    """Concise progress lines for one stage (a Tune callback)."""
+
+    def __init__(self, stage: str, total: int, *, metric: str = "test_acc", mode: str = "max",
+                 every: float = 15.0, failures_dir: str | None = None) -> None:
+        self.stage, self.total = stage, total
+        self.metric, self.mode, self.every = metric, mode, every
+        self.failures_dir = failures_dir
+        self.done: set[str] = set()
+        self.failed: set[str] = set()
+        self.running: set[str] = set()
+        self.best: tuple[float, str] | None = None
+        self.last_print = 0.0
+
+    def _name(self, trial: Any) -> str:
+        return str(_trial_field(trial, "run_name") or _trial_field(trial, "key")
+                   or trial.trial_id)
+
+    def _line(self) -> None:
+        best = ""
+        if self.best is not None:
+            best = f" | best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+        total = max(self.total, len(self.done | self.failed | self.running))
+        print(f"[{self.stage}] {len(self.done)}/{total} done, {len(self.running)} running, "
+              f"{len(self.failed)} failed{best}", file=sys.stdout, flush=True)
+        self.last_print = time.time()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.running.add(trial.trial_id)
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and v == v:
+            if self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0]):
+                self.best = (float(v), self._name(trial))
+        if time.time() - self.last_print >= self.every:
+            self._line()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done.add(trial.trial_id)
+        if len(self.done) >= self.total or time.time() - self.last_print >= self.every:
+            self._line()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.failed.add(trial.trial_id)
+        where = self._copy_error(trial)
+        print(f"[{self.stage}] trial {self._name(trial)} failed (no retries left): {where}",
+              file=sys.stdout, flush=True)
+        self._line()
+
+    def on_experiment_end(self, trials, **info):
+        if self.last_print == 0.0 or len(self.done) < self.total:
+            self._line()
+
+    def _copy_error(self, trial: Any) -> str:
+        """Copy Ray's error file into ``failures/<key>.txt``; return where to read it."""
+        src = None
+        for attr in ("error_file", "pickled_error_file"):
+            p = getattr(trial, attr, None)
+            if p and Path(p).is_file():
+                src = Path(p)
+                break
+        if src is None and getattr(trial, "local_path", None):
+            cand = Path(trial.local_path) / "error.txt"
+            src = cand if cand.is_file() else None
+        key = _trial_field(trial, "key") or trial.trial_id
+        if src is None or self.failures_dir is None:
+            return str(src or trial.trial_id)
+        dst = Path(self.failures_dir) / f"{key}.txt"
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        except OSError as exc:
+            return f"{src} (copy to {dst} failed: {exc})"
+        return str(dst)

@@ -1,0 +1,301 @@
+"""The Ray Tune function trainable around :class:`granet.trainer.Trainer` (no second loop).
+
+Tune hands ``granet_trainable`` a config ``{"trial": TrialSpec dict, "context": TrialContext
+dict}``; a search adds its sampled ``"set:<dotted.key>"`` values and the ``"trial_key"`` /
+``"run_name"`` its space function derives. Both dicts are checked against the contract
+(:class:`granet.study.base.TrialSpec`) before any work.
+
+The trial resumes from ``tune.get_checkpoint()`` when Tune retries or restores it, or - for a
+plasticity probe on its first start - branches from its trunk's checkpoint
+(:func:`granet.branch.branch`). Every epoch: the epoch's metrics go to the trial's MLflow child
+run (first, so a trial that a scheduler stops keeps them), trunk checkpoints at ``save_epochs`` go
+to stable files, and ``tune.report`` carries the complete trainer state every
+``run.checkpoint_every`` epochs and at the end.
+
+How a trial ends (``trials.status``): "done"; "diverged" (non-finite loss or weights: its last
+finite metrics are kept, it is not retried - it would diverge again); "stopped" (a scheduler
+such as ASHA stopped it: ``tune.report`` raises ``SystemExit``); "failed" without retries when
+its input is unusable (its trunk checkpoint is unreadable: the driver retrains the trunk on the
+next run); any other exception is left to Tune, which retries from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from granet.study import results
+from granet.study.base import TrialContext, TrialSpec
+from granet.study.paths import StudyPaths
+
+__all__ = ["granet_trainable", "trial_from_tune_config", "build_trainer"]
+
+log = logging.getLogger("granet")
+
+_STATE_FILE = "state.pt"
+
+
+def trial_from_tune_config(config: dict[str, Any]) -> tuple[TrialSpec, TrialContext]:
+    """The checked TrialSpec and TrialContext of a Tune config (search samples merged in)."""
+    trial = dict(config.get("trial") or {})
+    sets = {k[4:]: v for k, v in config.items() if k.startswith("set:")}
+    if sets:
+        trial["sets"] = {**(trial.get("sets") or {}), **sets}
+    for src, dst in (("trial_key", "key"), ("run_name", "run_name")):
+        if src in config:
+            trial[dst] = config[src]
+    return TrialSpec.from_dict(trial), TrialContext.from_dict(config.get("context"))
+
+
+def build_trainer(spec: TrialSpec, callbacks: list[Any] = ()):
+    """The trainer of a trial (also used in-process by tests and benches)."""
+    from granet.trainer import Trainer
+
+    return Trainer(spec.config(), write=False, callbacks=list(callbacks))
+
+
+class _EpochHook:
+    """Trainer callback: MLflow first, then stable trunk checkpoints, then ``tune.report``."""
+
+    def __init__(self, trial: _Trial) -> None:
+        self.trial = trial
+
+    def on_train_start(self, trainer) -> None: ...
+
+    def on_checkpoint(self, trainer, path, record) -> None: ...
+
+    def on_train_end(self, trainer, summary) -> None: ...
+
+    def on_epoch_end(self, trainer, record: dict[str, Any]) -> None:
+        from ray import tune
+
+        from granet.io import save_checkpoint
+
+        t = self.trial
+        epoch = trainer.epoch
+        if t.run is not None:
+            t.run.log_epochs([record])
+        if epoch in t.spec.save_epochs:
+            save_checkpoint(trainer.state_dict(), t.paths.trunk_checkpoint(t.spec.key, epoch))
+        metrics = {**record, "trial_key": t.spec.key, "stage": t.spec.stage}
+        due = epoch % trainer.cfg.run.checkpoint_every == 0 or epoch >= trainer.cfg.run.epochs
+        if not due:
+            tune.report(metrics)
+            return
+        t.write_epochs()
+        with tempfile.TemporaryDirectory(prefix="granet-ckpt-") as tmp:
+            state = trainer.state_dict()
+            state["granet_branch"] = json.dumps(t.branch)
+            save_checkpoint(state, Path(tmp) / _STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+class _Trial:
+    """One start of one trial inside a Tune worker."""
+
+    def __init__(self, spec: TrialSpec, ctx: TrialContext) -> None:
+        self.spec, self.ctx = spec, ctx
+        self.paths = StudyPaths(ctx.study_dir)
+        self.t0 = time.time()
+        self.run = None
+        self.branch: dict[str, Any] = {}
+        self.resumed_from = 0
+        self.trainer = build_trainer(spec, [_EpochHook(self)])
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> str | None:
+        """Resume or branch. Returns a failure message when the trial cannot run."""
+        from ray import tune
+
+        from granet.io import CheckpointError, load_checkpoint
+
+        own = tune.get_checkpoint()
+        if own is not None:
+            try:
+                with own.as_directory() as d:
+                    state = load_checkpoint(Path(d) / _STATE_FILE,
+                                            map_location=self.trainer.device)
+                self.trainer.load_state_dict(state)
+                self.resumed_from = self.trainer.epoch
+                self.branch = json.loads(state.get("granet_branch") or "{}")
+                return None
+            except CheckpointError as exc:  # start over rather than fail for good
+                log.warning("granet: warning: trial %s: %s; starting it over", self.spec.key, exc)
+                self.trainer = build_trainer(self.spec, [_EpochHook(self)])
+        p = self.spec.probe
+        if p is not None:
+            from granet.branch import branch
+
+            try:
+                res = branch(self.trainer, p.trunk_ckpt, epoch_t=p.epoch_t, ratio=p.ratio,
+                             scope=p.scope, structure=p.structure, regen=p.regen,
+                             regrow_mode=p.regrow_mode)
+            except CheckpointError as exc:
+                return f"trunk checkpoint unusable: {exc}"
+            self.branch = dict(res.__dict__)
+        return None
+
+    def open_run(self) -> None:
+        if self.ctx.tracking is None:
+            return
+        from granet.study.tracking import TrialRun
+
+        spec = self.spec
+        params: dict[str, Any] = {"stage": spec.stage, **spec.labels}
+        params["train"] = _changed_train_values(spec)
+        self.run = TrialRun(self.ctx.tracking, trial_key=spec.key, stage=spec.stage,
+                            study=spec.study, parent_key=spec.parent_key,
+                            run_name=spec.run_name or f"{spec.stage} {spec.key[:8]}",
+                            params=params)
+        if self.trainer.history:  # resumed: only the epochs the run does not hold yet
+            self.run.log_epochs(self.trainer.history)
+
+    # ------------------------------------------------------------------ end
+    def write_epochs(self) -> None:
+        s = self.spec
+        base = {"key": s.key, "study": s.study, "stage": s.stage}
+        results.write_rows(self.ctx.study_dir, "epochs", s.stage, s.key,
+                           [{**base, **h} for h in self.trainer.history])
+
+    def write_results(self, status: str, message: str | None = None) -> dict[str, Any] | None:
+        """Every table row of the trial; the trials row last (its presence ends the trial).
+        Returns the probe row (if any)."""
+        from granet.config import config_to_dict
+
+        s, tr, sd = self.spec, self.trainer, self.ctx.study_dir
+        summary = tr.summary()
+        self.write_epochs()
+        results.write_rows(sd, "layers", s.stage, s.key,
+                           [{"key": s.key, "study": s.study, "stage": s.stage, **r}
+                            for r in tr.layer_history])
+        probe = None
+        if s.probe is not None and status == "done":
+            probe = _probe_row(s, self.branch, tr)
+            results.write_rows(sd, "probes", s.stage, s.key, [probe])
+        row = {
+            "key": s.key, "study": s.study, "stage": s.stage, "parent_key": s.parent_key,
+            "status": status, "config_json": json.dumps(config_to_dict(tr.cfg), sort_keys=True),
+            "spec_json": json.dumps(s.labels, sort_keys=True, default=str),
+            "method": tr.cfg.sparsity.method, "seed": tr.cfg.run.seed, "epochs": tr.epoch,
+            **{m: summary.get(m) for m in results.FINAL_METRICS},
+            "wall_seconds": time.time() - self.t0, "resumed_from": self.resumed_from,
+            "finished_at": results.now_utc(), "message": message,
+        }
+        results.write_rows(sd, "trials", s.stage, s.key, [row])
+        return probe
+
+    def finish_run(self, status: str, tags: dict[str, Any] | None = None,
+                   metrics: dict[str, Any] | None = None) -> None:
+        if self.run is None:
+            return
+        try:
+            if tags:
+                self.run.set_tags(tags)
+            if metrics:
+                self.run.log_metrics(metrics, step=self.trainer.epoch)
+            if status == "FINISHED":
+                self._log_artifacts()
+            self.run.finish(status)
+        except Exception as exc:  # noqa: BLE001 - tracking must not lose a finished trial
+            log.warning("granet: warning: trial %s: MLflow run not closed (%s: %s)",
+                        self.spec.key, type(exc).__name__, exc)
+
+    def _log_artifacts(self) -> None:
+        eng = self.trainer.engine
+        with tempfile.TemporaryDirectory(prefix="granet-art-") as tmp:
+            p = Path(tmp) / "layer_densities.csv"
+            lines = ["layer,density,numel"]
+            for (name, d), n in zip(eng.layer_densities().items(), eng.sizes, strict=True):
+                lines.append(f"{name},{d:.6f},{n}")
+            p.write_text("\n".join(lines) + "\n")
+            self.run.log_artifact(p)
+            if self.spec.log_model:
+                from granet.io import save_checkpoint
+
+                m = Path(tmp) / "model.pt"
+                save_checkpoint({"model": self.trainer.model.state_dict(),
+                                 "masks": eng.state_dict()["masks"]}, m)
+                self.run.log_artifact(m, "model")
+
+    def fail(self, message: str) -> None:
+        """End without retries: a trials row with status "failed" and the reason on file."""
+        from granet.io import atomic_write_text
+
+        log.warning("granet: warning: trial %s failed: %s", self.spec.key, message)
+        self.write_results("failed", message)
+        atomic_write_text(self.paths.failure(self.spec.key), message + "\n")
+        self.finish_run("FAILED", tags={"granet.status": "failed", "granet.error": message[:500]})
+
+
+def _changed_train_values(spec: TrialSpec) -> dict[str, Any]:
+    from granet.config import non_default_values
+
+    return non_default_values(spec.config())
+
+
+def _probe_row(spec: TrialSpec, branch: dict[str, Any], trainer) -> dict[str, Any]:
+    p = spec.probe
+    assert p is not None
+    acc_after = trainer.history[-1]["test_acc"] if trainer.history else math.nan
+    return {
+        "key": spec.key, "study": spec.study, "trunk_key": p.trunk_key, "kind": p.kind,
+        "trunk_method": p.trunk_method, "trunk_density": p.trunk_density, "seed": p.seed,
+        "model": p.model, "epoch_t": p.epoch_t, "ratio": p.ratio, "regen": p.regen,
+        "scope": p.scope, "structure": p.structure, "k": p.k, "lr_t": p.lr_t,
+        "acc_before": p.acc_before, "acc_pruned": branch.get("acc_pruned"),
+        "acc_after": acc_after,
+        "plasticity": acc_after - p.acc_before if p.kind == "plasticity" else None,
+        "trunk_final_acc": p.trunk_final_acc,
+        "final_gap": acc_after - p.trunk_final_acc if p.kind == "gap" else None,
+        "density_before": branch.get("density_before"),
+        "density_after": trainer.engine.density(), "pruned": branch.get("pruned"),
+        "regrown": branch.get("regrown"), "branch_digest": branch.get("branch_digest"),
+    }
+
+
+_PROBE_METRICS = ("plasticity", "final_gap", "acc_before", "acc_pruned", "acc_after")
+
+
+def granet_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one granet training run (trunk, probe, search trial, ...)."""
+    import torch
+
+    from granet.trainer import Diverged
+
+    spec, ctx = trial_from_tune_config(config)
+    if results.trial_status(ctx.study_dir, spec.stage, spec.key) in results.FINISHED:
+        return  # a restored experiment relaunched a trial that had finished: nothing to do
+    torch.set_num_threads(ctx.num_threads)
+    trial = _Trial(spec, ctx)
+    problem = trial.start()
+    trial.open_run()
+    if problem is not None:
+        trial.fail(problem)
+        return
+    try:
+        trial.trainer.fit(resume=False)
+    except Diverged as exc:
+        msg = f"diverged at epoch {exc.epoch} ({exc.reason})"
+        log.warning("granet: warning: trial %s %s", spec.key, msg)
+        trial.write_results("diverged", msg)
+        trial.finish_run("FAILED", tags={"granet.status": "diverged", "granet.error": msg})
+        return
+    except SystemExit:
+        # tune.report raised: a scheduler (ASHA) or a stop criterion ended the trial. Keep
+        # what it trained, as "stopped" (its MLflow run already holds every reported epoch).
+        try:
+            trial.write_results("stopped")
+        finally:
+            trial.finish_run("KILLED", tags={"granet.status": "stopped", "granet.pruned": "true"})
+        raise
+    except BaseException:
+        trial.finish_run("FAILED")
+        raise
+    probe = trial.write_results("done")
+    metrics = {k: probe[k] for k in _PROBE_METRICS if probe and probe.get(k) is not None}
+    trial.finish_run("FINISHED", tags={"granet.status": "done"}, metrics=metrics)

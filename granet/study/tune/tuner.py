@@ -1,0 +1,214 @@
+"""Ray start-up and the one Tune policy every stage of every study uses.
+
+Policy:
+
+* resources per trial from the study config (``cpus_per_trial``, fractional ``gpus_per_trial``);
+  torch threads per trial = max(1, int(cpus_per_trial));
+* ``reuse_actors=True`` (a fresh actor costs ~2 s on a small box);
+* ``FailureConfig(max_failures)``: a crashed trial restarts from its last reported checkpoint;
+* ``CheckpointConfig(num_to_keep=2)``: checkpoints that must survive (plasticity trunk epochs)
+  are stable files outside Tune's rotation;
+* storage under ``<study_dir>/ray/<experiment>``; a stage restores an unfinished experiment of
+  that name (``Tuner.restore``) instead of starting a new one;
+* short trial directory names, no progress tables: :class:`ProgressLine` prints our lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from granet.config import ConfigError
+from granet.study.base import StudyConfig
+from granet.study.tracking import ServiceError
+
+__all__ = ["can_restore", "check_cluster_resources", "check_local_resources",
+           "check_ray_address", "ensure_ray", "grid_of", "run_tuner", "shutdown_ray",
+           "tune_outcome"]
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds (not Ray's endless retries) when a ``host:port`` address does not
+    answer. ``auto`` and ``ray://`` addresses are checked by ray.init itself."""
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address={address!r}: must be host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ServiceError(
+            f"Ray cluster at {address}: not reachable ({exc.strerror or exc}); start it "
+            "(ray start --head ...) or drop --ray-address/RAY_ADDRESS to run a local Ray"
+        ) from None
+
+
+def check_local_resources(study: StudyConfig) -> None:
+    """For a local Ray (this machine): the resources a trial asks for must exist."""
+    if study.gpus_per_trial:
+        import torch
+
+        n = torch.cuda.device_count()
+        if n < study.gpus_per_trial:
+            raise ConfigError(
+                f"gpus_per_trial={study.gpus_per_trial!r}: this machine has {n} GPUs; use 0 "
+                "on a CPU-only machine (or run on a cluster with --ray-address)"
+            )
+    cpus = os.cpu_count() or 1
+    if study.cpus_per_trial > cpus:
+        raise ConfigError(
+            f"cpus_per_trial={study.cpus_per_trial!r}: this machine has {cpus} CPUs; must be "
+            f"<= {cpus}"
+        )
+
+
+def ensure_ray(address: str | None = None) -> bool:
+    """``ray.init`` once: join ``address`` (or RAY_ADDRESS) when given, else start a local Ray
+    with this machine's CPUs. Returns True when this call started or joined Ray (the caller
+    shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True,
+                              "logging_level": "ERROR"}
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "a local Ray"
+        raise ServiceError(f"Ray at {where}: could not start or join ({exc})") from None
+    return True
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def can_restore(path: Path) -> bool:
+    """Whether ``path`` holds a Tune experiment that can be restored."""
+    from ray import tune
+
+    return path.is_dir() and tune.Tuner.can_restore(str(path))
+
+
+def grid_of(values: list[Any]) -> Any:
+    """A Tune grid over ``values`` (one trial each)."""
+    from ray import tune
+
+    return tune.grid_search(values)
+
+
+def check_cluster_resources(study: StudyConfig) -> None:
+    """On a running Ray: some node type must be able to hold one trial."""
+    import ray
+
+    total = ray.cluster_resources()
+    if study.gpus_per_trial and total.get("GPU", 0) < study.gpus_per_trial:
+        raise ConfigError(
+            f"gpus_per_trial={study.gpus_per_trial!r}: the Ray cluster has "
+            f"{total.get('GPU', 0):g} GPUs; use 0 on a CPU-only cluster"
+        )
+    if total.get("CPU", 0) < study.cpus_per_trial:
+        raise ConfigError(
+            f"cpus_per_trial={study.cpus_per_trial!r}: the Ray cluster has "
+            f"{total.get('CPU', 0):g} CPUs"
+        )
+
+
+def _named(trainable: Any) -> Any:
+    """Tune restores an experiment only with a trainable of the same name: every granet
+    trainable (a wrapped one too) goes by ``granet_trainable``."""
+    if getattr(trainable, "__name__", None) == "granet_trainable":
+        return trainable
+
+    def granet_trainable(config: dict[str, Any]) -> None:
+        return trainable(config)
+
+    return granet_trainable
+
+
+def _trial_dirname(trial: Any) -> str:
+    cfg = trial.config or {}
+    t = cfg.get("trial") or {}
+    key = cfg.get("trial_key") or t.get("key") or trial.trial_id
+    return f"{t.get('stage', 'trial')}-{key}"[:60]
+
+
+def run_tuner(
+    study: StudyConfig,
+    *,
+    experiment: str,
+    storage: Path,
+    trainable: Any,
+    param_space: dict[str, Any] | None = None,
+    restore: bool = False,
+    num_samples: int = 1,
+    search_alg: Any = None,
+    scheduler: Any = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Fit (or, with ``restore``, resume) one Tune experiment; return its ResultGrid.
+
+    ``metric``/``mode`` go to TuneConfig only when there is neither a searcher nor a scheduler
+    (those carry their own: setting both raises in Ray 2.60).
+    """
+    # num_to_keep forces an experiment snapshot per reported checkpoint: Tune warns on every
+    # short trial otherwise. The classic reporter with verbose=0 prints nothing.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    resources = {"cpu": study.cpus_per_trial}
+    if study.gpus_per_trial:
+        resources["gpu"] = study.gpus_per_trial
+    fn = tune.with_resources(_named(trainable), resources)
+    cbs = list(callbacks or [])
+    path = storage / experiment
+    if restore:
+        tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=True)
+        # A restored run config carries the old callbacks: attach this run's (fresh counts).
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None:
+            local.get_run_config().callbacks = cbs
+        return tuner.fit()
+    use_tc_metric = search_alg is None and scheduler is None
+    tuner = tune.Tuner(
+        fn,
+        param_space=param_space or {},
+        tune_config=tune.TuneConfig(
+            num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
+            metric=metric if use_tc_metric else None,
+            mode=mode if use_tc_metric and metric else None,
+            max_concurrent_trials=study.max_concurrent or None, reuse_actors=True,
+            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=study.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=cbs, verbose=0,
+        ),
+    )
+    return tuner.fit()
+
+
+def tune_outcome(grid: Any) -> tuple[int, int, bool]:
+    """(trials that ended, trials that errored, interrupted) of a ResultGrid. Tune returns
+    normally after Ctrl-C; trials that neither ended nor errored tell the interruption."""
+    n = len(grid)
+    errors = grid.num_errors
+    ended = grid.num_terminated
+    return ended, errors, ended + errors < n
