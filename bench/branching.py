@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from granet.study.common import load_study_config
-from granet.study.plasticity import PlasticityStudy, branch, plan
-from granet.study.trainable import build_trainer
+from granet.branch import branch
+from granet.study.base import TrialSpec, load_study_config
+from granet.study.plasticity import PlasticityStudy
+from granet.study.tune.trainable import build_trainer
 from granet.trainer import Callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +37,16 @@ CONFIGS = {
 }
 
 
+def plan(study: PlasticityStudy) -> tuple[list[TrialSpec], list[tuple[TrialSpec, dict]]]:
+    trunks = study.trunks()
+    return trunks, [p for t in trunks for p in study.probes(t)]
+
+
 def epoch_counts(study: PlasticityStudy) -> tuple[int, int, int, int]:
     trunks, probes = plan(study)
     total = study.train.run.epochs
-    branching = len(trunks) * total + sum(p["probe_spec"]["k"] for p in probes)
-    scratch = sum(p["probe_spec"]["epoch_t"] + p["probe_spec"]["k"] for p in probes)
+    branching = len(trunks) * total + sum(own["k"] for _, own in probes)
+    scratch = sum(own["epoch_t"] + own["k"] for _, own in probes)
     return len(trunks), len(probes), branching, scratch
 
 
@@ -67,32 +73,32 @@ class _SaveAt(Callback):
             save_checkpoint(trainer.state_dict(), self.root / f"e{trainer.epoch}.pt")
 
 
-def _probe(entry: dict, ckpt: Path) -> None:
-    tr = build_trainer({"train": entry["train"]})
-    branch(tr, {**entry["probe_spec"], "trunk_ckpt": str(ckpt)})
+def _probe(probe: tuple[TrialSpec, dict], ckpt: Path) -> None:
+    spec, own = probe
+    tr = build_trainer(spec)
+    branch(tr, ckpt, epoch_t=own["epoch_t"], ratio=own["ratio"], scope=own["scope"],
+           structure=own["structure"], regen=own["regen"], regrow_mode=own["regrow_mode"])
     tr.fit(resume=False)
 
 
 def wall_sequential(study: PlasticityStudy) -> tuple[float, float]:
     torch.set_num_threads(1)
     trunks, probes = plan(study)
-    by_trunk = {t["trial_key"]: t for t in trunks}
-    build_trainer({"train": trunks[0]["train"]})  # data generation outside the timing
+    by_trunk = {t.key: t for t in trunks}
+    build_trainer(trunks[0])  # data generation outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         for t in trunks:
-            d = root / t["trial_key"]
-            tr = build_trainer({"train": t["train"]}, callbacks=[_SaveAt(t["save_epochs"], d)])
+            tr = build_trainer(t, callbacks=[_SaveAt(list(t.save_epochs), root / t.key)])
             tr.fit(resume=False)
         for p in probes:
-            _probe(p, root / p["parent_key"] / f"e{p['probe_spec']['epoch_t']}.pt")
+            _probe(p, root / p[0].parent_key / f"e{p[1]['epoch_t']}.pt")
         branching = time.perf_counter() - t0
         t0 = time.perf_counter()
         for p in probes:
             ck = root / "scratch.pt"
-            tr = build_trainer({"train": by_trunk[p["parent_key"]]["train"]},
-                               callbacks=[_StopAt(p["probe_spec"]["epoch_t"], ck)])
+            tr = build_trainer(by_trunk[p[0].parent_key], callbacks=[_StopAt(p[1]["epoch_t"], ck)])
             tr.fit(resume=False)
             _probe(p, ck)
         scratch = time.perf_counter() - t0
@@ -127,14 +133,14 @@ def main() -> None:
     if not args.no_ray:
         import ray
 
-        from granet.study.plasticity import run_plasticity_study
+        from granet.study.driver import run_study
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            out = run_plasticity_study(CONFIGS["smoke"][0], [f"study_dir={tmp}/s"], True,
-                                       quiet=True, report=False)
+            out = run_study(PlasticityStudy, CONFIGS["smoke"][0], [f"study_dir={tmp}/s"],
+                            smoke_test=True, quiet=True)
             wall = time.perf_counter() - t0
         ray.shutdown()
         print("## smoke grid as a Ray study (branching; MLflow sqlite; Ray already started)")

@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,8 +102,9 @@ def main() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
 
-    from granet.study.common import StudyCommon
-    from granet.study.runner import run_tuner
+    from granet.study.base import StudyConfig, TrialContext, TrialSpec
+    from granet.study.tune.trainable import granet_trainable
+    from granet.study.tune.tuner import run_tuner
 
     cpus = os.cpu_count() or 1
     print(f"# bench/ray_overhead.py  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  "
@@ -132,12 +134,15 @@ def main() -> None:
     from ray import tune
 
     with tempfile.TemporaryDirectory() as tmp:
-        common = StudyCommon(name="bench", study_dir=tmp, max_failures=0)
-        trials = [{"trial_key": f"tiny{i:03d}", "train": config_to_dict(cfg)} for i in range(n)]
+        common = StudyConfig(name="bench", study_dir=tmp, max_failures=0)
+        ctx = TrialContext(study_dir=tmp).to_dict()
         for _warm in range(2):  # first pass also pays the actors' imports and data generation
+            trials = [TrialSpec(key=f"tiny{_warm}-{i:03d}", stage=f"tiny{_warm}", study="bench",
+                                train=config_to_dict(cfg)).to_dict() for i in range(n)]
             t0 = time.perf_counter()
-            run_tuner(common, stage=f"tiny{_warm}", progress=False,
-                      param_space={"trial": tune.grid_search(trials)})
+            run_tuner(common, experiment=f"tiny{_warm}", storage=Path(tmp) / "ray",
+                      trainable=granet_trainable,
+                      param_space={"trial": tune.grid_search(trials), "context": ctx})
             wall = time.perf_counter() - t0
         from granet.study import results
 

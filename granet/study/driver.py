@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from granet.config import Config, ConfigError
 from granet.io import atomic_write_text
 from granet.study import results
-from granet.study.base import StudyConfig, TrialContext, TrialSpec, load_study_config
+from granet.study.base import StudyConfig, TrialContext, load_study_config
 from granet.study.lock import StudyLock
 from granet.study.paths import StudyPaths
 from granet.study.stages import GridStage, SearchStage
@@ -243,11 +242,12 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
 def _account(run: StudyRun, stage: str, grid: Any, launched: int) -> None:
     from granet.study.tune.tuner import tune_outcome
 
-    ended, errors, interrupted = tune_outcome(grid)
+    ended, errors, interrupted = tune_outcome(grid, launched)
     run.launched[stage] += launched
     run.failed[stage] += errors
     if interrupted:
-        raise StudyInterrupted(f"[{stage}] interrupted: {ended} of {len(grid)} trials ended")
+        done = len(run.finished_keys(stage))
+        raise StudyInterrupted(f"[{stage}] interrupted ({done} {stage} trials finished so far)")
 
 
 def _status_counts(paths: StudyPaths) -> dict[str, int]:
@@ -401,13 +401,3 @@ def _summary(run: StudyRun, status: str, t0: float, outputs: dict[str, Any],
 def _write_summary(paths: StudyPaths, summary: dict[str, Any]) -> None:
     atomic_write_text(paths.summary, json.dumps(summary, indent=2, default=str))
 
-
-def trial_configs_of(specs: list[TrialSpec]) -> list[Config]:
-    """The validated training configs of trial specs (for pre-flight checks)."""
-    out = []
-    for s in specs:
-        try:
-            out.append(s.config())
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return out

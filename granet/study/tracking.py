@@ -180,10 +180,6 @@ class StudyTracker:
         _log_batch(self.client, self.parent_run_id,
                    metrics=_metrics(metrics, step, int(time.time() * 1000)))
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.parent_run_id, k, str(v))
-
     def child_runs(self) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id],

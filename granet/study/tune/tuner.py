@@ -183,7 +183,7 @@ def run_tuner(
         local = getattr(tuner, "_local_tuner", None)
         if local is not None:
             local.get_run_config().callbacks = cbs
-        return tuner.fit()
+        return _fit(tuner)
     use_tc_metric = search_alg is None and scheduler is None
     tuner = tune.Tuner(
         fn,
@@ -202,13 +202,40 @@ def run_tuner(
             callbacks=cbs, verbose=0,
         ),
     )
-    return tuner.fit()
+    return _fit(tuner)
 
 
-def tune_outcome(grid: Any) -> tuple[int, int, bool]:
-    """(trials that ended, trials that errored, interrupted) of a ResultGrid. Tune returns
-    normally after Ctrl-C; trials that neither ended nor errored tell the interruption."""
-    n = len(grid)
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, telling whether Ctrl-C stopped it (``grid.granet_interrupted``).
+
+    Tune catches the first SIGINT itself, stops its trials (marking them TERMINATED) and
+    returns normally. Its handler restores the handler it found when it fires, so the handler
+    installed here is back in place after ``fit()`` exactly when a SIGINT arrived."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        grid = tuner.fit()
+        grid.granet_interrupted = False
+        return grid
+
+    def _interrupt(sig: int, frame: Any) -> None:  # a second Ctrl-C after Tune's own
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        grid = tuner.fit()
+        grid.granet_interrupted = signal.getsignal(signal.SIGINT) is _interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return grid
+
+
+def tune_outcome(grid: Any, expected: int) -> tuple[int, int, bool]:
+    """(trials that ended, trials that errored, interrupted) of a ResultGrid of ``expected``
+    trials."""
     errors = grid.num_errors
     ended = grid.num_terminated
-    return ended, errors, ended + errors < n
+    interrupted = bool(getattr(grid, "granet_interrupted", False)) or len(grid) < expected
+    return ended, errors, interrupted
