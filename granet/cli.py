@@ -88,14 +88,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from granet.trainer import Diverged, Trainer
 
     cfg = load_config(args.config, args.set)
-    callbacks = [] if args.quiet else [ProgressBar(cfg.run.epochs)]
-    trainer = Trainer(cfg, callbacks=callbacks, run_dir=args.run_dir)
+    trainer = Trainer(cfg, run_dir=args.run_dir)
     _check_writable_dir(trainer.paths.root)
     if args.fresh and trainer.paths.checkpoint.is_file():
         trainer.paths.checkpoint.unlink()
     elif trainer.paths.checkpoint.exists():
         trainer.try_resume()  # a checkpoint that cannot be resumed fails here, before any write
         print(f"resuming {trainer.paths.root} from its checkpoint", file=sys.stderr)
+    if not args.quiet:  # only once every check passed: an error is then the only output
+        trainer.callbacks.append(ProgressBar(cfg.run.epochs))
     try:
         summary = trainer.fit(resume=False)
     except Diverged as exc:
