@@ -359,3 +359,18 @@ def test_train_that_diverges_exits_1_with_one_line(tmp_path, capsys) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["reason"] == "non-finite loss"
     assert summary["diverged_epoch"] == 1 and "test_acc" not in summary
+
+
+def test_diverged_message_shows_the_last_finite_epoch() -> None:
+    from granet.cli import _diverged_message
+    from granet.trainer import Diverged
+
+    exc = Diverged(2, 21, "non-finite weights in net.1.weight")
+    exc.summary = {"run_dir": "runs/granet-x", "epoch": 2, "test_acc": 0.91234,
+                   "val_acc": 0.9, "test_at_best_val": 0.9, "density": 0.2, "status": "diverged"}
+    cfg = load_config(None, ["optim.lr=0.5"])
+    assert _diverged_message(exc, cfg) == (
+        "diverged at epoch 3 (non-finite weights in net.1.weight); last finite epoch 2: "
+        "test_acc=0.9123, val_acc=0.9, test_at_best_val=0.9, density=0.2; lower optim.lr "
+        "(now 0.5) or add warm-up epochs (optim.warmup_epochs); run_dir=runs/granet-x"
+    )
