@@ -105,6 +105,8 @@ SETS: list[tuple[str, list[str], list[str]]] = [
     ("keep_epoch_beyond_run", ["run.keep_epochs=[99]"],
      ["run.keep_epochs=[99]: each must be in [0, 1]"]),
     ("optimizer_name", ["optim.name=adam"], ["optim.name='adam': must be one of sgd, adamw"]),
+    ("lr_schedule", ["optim.schedule=step"],
+     ["optim.schedule='step': must be one of multistep, cosine, constant"]),
     ("num_samples_negative", ["data.num_samples=-5"], ["data.num_samples=-5: must be > 0"]),
     ("regen_decay", ["sparsity.regen_decay=exp"],
      ["sparsity.regen_decay='exp': must be one of cosine, linear, constant"]),
