@@ -21,25 +21,12 @@ from torch import nn
 
 from granet.config import Config, ConfigError, config_hash, dump_yaml
 from granet.data import Dataset, Split, iterate_batches, load_dataset
-from granet.io import (
-    RunPaths,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-    write_parquet,
-)
+from granet.io import RunPaths, atomic_write_text, load_checkpoint, save_checkpoint, write_parquet
 from granet.models import build_model
 from granet.sparse.engine import NonFiniteError, SparseEngine
 from granet.sparse.metrics import dead_relu_share
 
-__all__ = [
-    "Callback",
-    "Diverged",
-    "Trainer",
-    "lr_at_epoch",
-    "resolve_device",
-    "run_dir_for",
-]
+__all__ = ["Callback", "Diverged", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
 
 # Keys every resumable checkpoint holds (Trainer.state_dict).
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "engine", "rng", "history", "layer_history")
