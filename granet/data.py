@@ -166,7 +166,7 @@ def _unreachable(url: str, timeout: float) -> str | None:
     def probe() -> None:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as exc:
+        except Exception as exc:  # OSError mostly; nothing may escape the thread unreported
             why.append(str(exc) or type(exc).__name__)
 
     t = threading.Thread(target=probe, daemon=True)

@@ -186,8 +186,9 @@ def test_download_offline_is_named_and_bounded(tmp_path, monkeypatch) -> None:
 
     import granet.data as gdata
 
-    def hang(*args, **kwargs):  # a connection attempt that never answers
-        time.sleep(30)
+    def hang(*args, **kwargs):  # a connection attempt that answers far too late
+        time.sleep(5)
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(socket, "create_connection", hang)
     monkeypatch.setattr(gdata, "DOWNLOAD_PROBE_TIMEOUT_S", 0.5)
