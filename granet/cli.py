@@ -49,17 +49,60 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _check_writable_dir(root: Path) -> None:
+    """The run directory exists, or can be created: its first existing parent is a writable
+    directory. Checked before training, so nothing is trained that cannot be saved."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = f"{str(probe)!r} is a file, not a directory"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{str(probe)!r} is not writable"
+    if why:
+        raise ValueError(
+            f"run directory {str(root)!r}: {why}; set run.output_dir (or --run-dir) to a "
+            f"writable directory"
+        )
+
+
+def _diverged_message(exc: Any, cfg: Any) -> str:
+    last = exc.summary or {}
+    shown = [
+        f"{k}={_fmt(last[k])}"
+        for k in ("test_acc", "val_acc", "test_at_best_val", "density")
+        if k in last
+    ]
+    finite = (
+        f"last finite epoch {last['epoch']}: {', '.join(shown)}"
+        if "epoch" in last else "no finite epoch"
+    )
+    return (
+        f"diverged at epoch {exc.epoch + 1} ({exc.reason}); {finite}; lower optim.lr "
+        f"(now {cfg.optim.lr:g}) or add warm-up epochs (optim.warmup_epochs); "
+        f"run_dir={last.get('run_dir', '?')}"
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from granet.trainer import Trainer
+    from granet.trainer import Diverged, Trainer
 
     cfg = load_config(args.config, args.set)
-    callbacks = [] if args.quiet else [ProgressBar(cfg.run.epochs)]
-    trainer = Trainer(cfg, callbacks=callbacks, run_dir=args.run_dir)
-    if trainer.paths.checkpoint.is_file() and not args.fresh:
-        print(f"resuming {trainer.paths.root} from its checkpoint", file=sys.stderr)
+    trainer = Trainer(cfg, run_dir=args.run_dir)
+    _check_writable_dir(trainer.paths.root)
     if args.fresh and trainer.paths.checkpoint.is_file():
         trainer.paths.checkpoint.unlink()
-    summary = trainer.fit(resume=not args.fresh)
+    elif trainer.paths.checkpoint.exists():
+        trainer.try_resume()  # a checkpoint that cannot be resumed fails here, before any write
+        print(f"resuming {trainer.paths.root} from its checkpoint", file=sys.stderr)
+    if not args.quiet:  # only once every check passed: an error is then the only output
+        trainer.callbacks.append(ProgressBar(cfg.run.epochs))
+    try:
+        summary = trainer.fit(resume=False)
+    except Diverged as exc:
+        print(f"granet: error: {_diverged_message(exc, cfg)}", file=sys.stderr)
+        return 1
     print(
         "done: "
         + " ".join(

@@ -359,18 +359,37 @@ def _set_path(data: dict[str, Any], key: str, value: Any, cls: type, where_: str
             node[part] = value
 
 
-def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
-    """The top-level mapping of a YAML file ({} for None or an empty file); ConfigError else."""
+def read_yaml_mapping(path: str | Path | None, *, allow_empty: bool = True) -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} for None); ConfigError otherwise.
+
+    A file that is empty or holds only comments gives {} with ``allow_empty``, and a ConfigError
+    without it: a config file that says nothing is more likely a mistake (a wrong or truncated
+    file) than a request for the defaults, which is what omitting the file means.
+    """
     if path is None:
         return {}
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r}: is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r}: not found")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r}: cannot be read ({exc.strerror})") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r}: invalid YAML ({exc})") from None
     if loaded is None:
+        if not allow_empty:
+            raise ConfigError(
+                f"config file {str(p)!r}: is empty (or holds only comments); to train the "
+                f"defaults, omit the config file"
+            )
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
@@ -379,7 +398,7 @@ def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults), apply overrides, validate. Raises ConfigError."""
-    data = apply_overrides(read_yaml_mapping(path), overrides or [])
+    data = apply_overrides(read_yaml_mapping(path, allow_empty=False), overrides or [])
     cfg = config_from_dict(data)
     validate(cfg)
     return cfg
@@ -418,6 +437,8 @@ def validate(cfg: Config) -> None:
     if r.epochs < 1:
         raise ConfigError(f"run.epochs={r.epochs!r}: must be >= 1")
     _choice("data.name", d.name, tuple(available_datasets()))
+    if not d.data_dir.strip():
+        raise ConfigError(f"data.data_dir={d.data_dir!r}: must be a directory path")
     _range("data.val_fraction", d.val_fraction, 0.0, 1.0, hi_open=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)

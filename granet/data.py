@@ -25,7 +25,10 @@ training samples before the validation split, for quick runs.
 from __future__ import annotations
 
 import functools
+import os
 import random
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,8 @@ DIGITS_SPLIT_SEED = 0  # fixed train/test split of sklearn digits
 FAKE_SEED = 0  # fixed content of the fake data set
 SUBSET_SEED = 0  # fixed subset when num_samples shrinks digits/cifar training sets
 AUGMENTATIONS = ("cifar",)
+# How long data.download=true waits to reach the download host before saying it cannot.
+DOWNLOAD_PROBE_TIMEOUT_S = 10.0
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -146,24 +151,92 @@ def _load_digits() -> _Raw:
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, None
 
 
+def _unreachable(url: str, timeout: float) -> str | None:
+    """Why ``url``'s host cannot be reached within ``timeout`` seconds, or None if it can.
+
+    The probe runs in a daemon thread, so a hanging name lookup (which ignores socket timeouts)
+    is bounded too.
+    """
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    why: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except Exception as exc:  # OSError mostly; nothing may escape the thread unreported
+            why.append(str(exc) or type(exc).__name__)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    if t.is_alive():
+        return f"no answer within {timeout:g} s"
+    return why[0] if why else None
+
+
+def _check_data_dir_writable(root: Path) -> None:
+    """data.data_dir (or its first existing parent) must be a writable directory to download."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileNotFoundError(
+            f"data.data_dir={str(root)!r}: {str(probe)!r} is a file, not a directory; point "
+            f"data.data_dir at a directory"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FileNotFoundError(
+            f"data.data_dir={str(root)!r}: {str(probe)!r} is not writable; the download needs a "
+            f"writable data.data_dir"
+        )
+
+
+def _download_cifar(cls: type, name: str, root: Path) -> None:
+    """Download with torchvision, with every failure named: where, why, and what to do."""
+    _check_data_dir_writable(root)
+    place = (
+        f"place the extracted torchvision files ('{cls.base_folder}/') under data.data_dir, or "
+        f"download once where the network is reachable"
+    )
+    why = _unreachable(cls.url, DOWNLOAD_PROBE_TIMEOUT_S)
+    if why is not None:
+        raise FileNotFoundError(
+            f"{name} not found under data.data_dir={str(root)!r}, and data.download=true cannot "
+            f"reach {cls.url} ({why}); the download needs a network: {place}"
+        )
+    try:
+        for train in (True, False):
+            cls(root=str(root), train=train, download=True)
+    except (OSError, RuntimeError) as exc:  # URLError, a refused write, a checksum mismatch
+        raise FileNotFoundError(
+            f"{name}: downloading {cls.url} into data.data_dir={str(root)!r} failed "
+            f"({type(exc).__name__}: {exc}); {place}"
+        ) from exc
+
+
 def _load_cifar(name: str, data_dir: str, download: bool, augment: bool) -> _Raw:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     num_classes = 10 if name == "cifar10" else 100
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR_STATS[name])
+    root = Path(data_dir)
     out: list[Tensor] = []
     for train in (True, False):
         try:
-            ds = cls(root=data_dir, train=train, download=download)
-        except RuntimeError as exc:
-            if download:
-                raise
-            raise FileNotFoundError(
-                f"{name} not found under data.data_dir={str(Path(data_dir))!r}; "
-                f"set data.download=true to download it, or place the extracted torchvision "
-                f"files ('{cls.base_folder}/') there"
-            ) from exc
+            ds = cls(root=data_dir, train=train, download=False)
+        except RuntimeError as exc:  # absent, or failing its checksum
+            if not download:
+                raise FileNotFoundError(
+                    f"{name} not found under data.data_dir={str(root)!r}; "
+                    f"set data.download=true to download it, or place the extracted torchvision "
+                    f"files ('{cls.base_folder}/') there"
+                ) from exc
+            _download_cifar(cls, name, root)
+            ds = cls(root=data_dir, train=train, download=False)
         x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float().div_(255.0)
         out += [((x - mean) / std).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)]
     return out[0], out[1], out[2], out[3], num_classes, "cifar" if augment else None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from granet.config import Config, config_from_dict
+from granet.config import Config, ConfigError, config_from_dict, config_hash, read_yaml_mapping
 from granet.io import RunPaths, load_checkpoint, save_checkpoint
 
 __all__ = ["export_run", "compact_state_dict", "expand_state_dict"]
@@ -52,14 +52,32 @@ def _nbytes(obj: Any) -> int:
 
 
 def export_run(run_dir: str | Path) -> dict[str, Any]:
-    """Write ``export/model.pt`` (masks applied) and ``export/model_sparse.pt`` (compact)."""
-    import yaml
+    """Write ``export/model.pt`` (masks applied) and ``export/model_sparse.pt`` (compact).
 
+    Everything is checked before anything is written: a run directory without a checkpoint or
+    a readable ``config.yaml`` raises FileNotFoundError / ConfigError, an unreadable checkpoint
+    :class:`~granet.io.CheckpointError`, and a checkpoint of another config (its config hash
+    differs from ``config.yaml``'s) ConfigError.
+    """
     paths = RunPaths(run_dir)
-    if not paths.checkpoint.is_file():
+    if not paths.root.is_dir():
+        raise FileNotFoundError(f"RUN_DIR={str(paths.root)!r}: not a directory")
+    if not paths.checkpoint.exists():
         raise FileNotFoundError(f"RUN_DIR={str(paths.root)!r}: no checkpoint.pt; train it first")
-    cfg: Config = config_from_dict(yaml.safe_load(paths.config.read_text()))
-    ckpt = load_checkpoint(paths.checkpoint)
+    if not paths.config.is_file():
+        raise FileNotFoundError(
+            f"RUN_DIR={str(paths.root)!r}: no config.yaml beside checkpoint.pt; export needs "
+            f"the run's config (re-run granet train into this directory to write it)"
+        )
+    cfg: Config = config_from_dict(read_yaml_mapping(paths.config, allow_empty=False))
+    ckpt = load_checkpoint(paths.checkpoint, keys=("model", "engine", "meta"))
+    saved, current = ckpt["meta"].get("config_hash"), config_hash(cfg)
+    if saved is not None and saved != current:
+        raise ConfigError(
+            f"RUN_DIR={str(paths.root)!r}: its checkpoint.pt is of another config (hash {saved}; "
+            f"config.yaml: {current}); export the run directory that trained it, or retrain "
+            f"this one (granet train {str(paths.config)!r} --run-dir {str(paths.root)!r} --fresh)"
+        )
     names = ckpt["engine"]["layer_names"]
     masks = {f"{n}.weight": m for n, m in zip(names, ckpt["engine"]["masks"], strict=True)}
     state = {k: v.clone() for k, v in ckpt["model"].items()}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +12,49 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["CheckpointError", "RunPaths", "atomic_write", "atomic_write_text", "load_checkpoint",
-           "save_checkpoint", "write_parquet"]
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_parquet",
+    "RunPaths",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, empty, truncated, corrupt or not a granet
+    checkpoint. The message names the file, the reason and what to do; ``path`` and ``reason``
+    hold the first two."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str | None = None) -> None:
+        self.path = str(path)
+        self.reason = reason
+        hint = hint or "delete it and re-run to retrain (granet train: --fresh)"
+        super().__init__(f"checkpoint {self.path!r}: {reason}; {hint}")
+
+
+def _temp_beside(path: Path) -> str:
+    """Create an empty temporary file beside ``path`` and return its name.
+
+    ``os.open(..., 0o666)`` lets the kernel apply the umask, so the renamed file gets the mode a
+    plain ``open()`` would give it (``tempfile.mkstemp`` forces 0600: teammates on shared storage
+    could not read results or checkpoints).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = str(path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # a 48-bit name collision: draw another
+            continue
 
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -41,25 +76,39 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read; the message names the file and what to do."""
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    keys: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary unpickling).
 
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
+    Raises :class:`CheckpointError` (a ``ValueError``) naming the file, the reason and the fix if
+    it is missing, empty, truncated, corrupt, not a mapping, or lacks one of ``keys``.
+    """
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "does not exist", "check the path, or train the run first")
+    if p.is_dir():
+        raise CheckpointError(p, "is a directory, not a checkpoint file", "remove it and re-run")
+    if p.stat().st_size == 0:
+        raise CheckpointError(p, "is empty (0 bytes)")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(p)!r}: not found") from None
-    except Exception as exc:  # truncated zip, garbage, a pickle that is not a state dict
+    except Exception as exc:  # torch reports damage as OSError, EOFError, KeyError, RuntimeError...
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {str(p)!r}: unreadable ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it and run again to "
-            "retrain"
-        ) from None
+            p, f"cannot be read: truncated, corrupt or not a torch checkpoint ({why})"
+        ) from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {str(p)!r}: not a granet checkpoint (no state dict)")
+        raise CheckpointError(p, f"holds a {type(state).__name__}, not a granet checkpoint")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            p, f"is not a granet checkpoint (no {', '.join(repr(k) for k in missing)})"
+        )
     return state
 
 

@@ -7,7 +7,10 @@
 * ``torchvision:<name>``: any torchvision classification model, built without weights;
 * ``package.module:function``: a user builder called as
   ``fn(num_classes=..., input_shape=..., **kwargs)`` (each of the first two only if the signature
-  accepts it).
+  accepts it). It must be a Python function, or an ``nn.Module`` subclass, defined in a Python
+  module: builtins (``os:system``), other classes and callable instances are refused before
+  anything is called. Naming a builder runs code, as Hydra's ``_target_`` does: importing the
+  module runs its top level, and the builder runs with the config's kwargs.
 
 Every nonlinearity is an ``nn.ReLU`` *module*, one per use, so forward hooks can count dead units.
 """
@@ -236,9 +239,13 @@ class VGG(nn.Module):
 Builder = Callable[[int, tuple[int, ...], dict[str, Any]], nn.Module]
 
 
+class _KwargError(ValueError):
+    """A registry builder's own check of its kwargs or input shape (already names the field)."""
+
+
 def _need_dims(name: str, input_shape: tuple[int, ...], ndim: int) -> None:
     if len(input_shape) != ndim:
-        raise ValueError(
+        raise _KwargError(
             f"model.name='{name}' needs a {ndim}-d per-sample input shape, got {tuple(input_shape)}"
         )
 
@@ -284,7 +291,7 @@ def _vgg(depth: int) -> Builder:
 
 def _no_extra(name: str, kw: dict[str, Any]) -> None:
     if kw:
-        raise ValueError(f"model.kwargs={kw!r}: not accepted by model.name='{name}'")
+        raise _KwargError(f"model.kwargs={kw!r}: not accepted by model.name='{name}'")
 
 
 _REGISTRY: dict[str, Builder] = {
@@ -343,17 +350,47 @@ def _check_torchvision(name: str, tv_name: str) -> None:
         )
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _resolve_import_path(name: str) -> Callable[..., Any]:
+    """The builder named ``package.module:function``, checked to be a Python function or an
+    ``nn.Module`` subclass defined in a Python module; never called here."""
     module_name, attr = name.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise _unknown(name, f"cannot import module '{module_name}' ({exc})") from exc
+    except Exception as exc:  # the module's own top level failed (SyntaxError, NameError...)
+        raise _unknown(
+            name, f"importing module '{module_name}' failed ({_one_line(exc)})"
+        ) from exc
     if not hasattr(module, attr):
         raise _unknown(name, f"module '{module_name}' has no attribute '{attr}'")
     fn = getattr(module, attr)
     if not callable(fn):
         raise _unknown(name, f"'{attr}' in module '{module_name}' is not callable")
+    # Only code written as a model builder: a Python function, or an nn.Module class. Builtins
+    # (os.system, eval), other classes (subprocess.Popen) and callable instances are refused
+    # before anything is called, whatever the kwargs.
+    if inspect.isclass(fn):
+        if not issubclass(fn, nn.Module):
+            raise _unknown(
+                name, f"'{attr}' is a class but not a torch.nn.Module subclass; a builder must "
+                "be a Python function or an nn.Module class"
+            )
+    elif not inspect.isfunction(fn):
+        kind = "a built-in" if inspect.isbuiltin(fn) else f"a {type(fn).__name__} object"
+        raise _unknown(
+            name, f"'{attr}' is {kind}, not a Python function or nn.Module class defined in a "
+            "module"
+        )
+    source = inspect.getmodule(fn)
+    file = getattr(source, "__file__", None) or ""
+    if not file.endswith((".py", ".pyc")):
+        raise _unknown(name, f"'{attr}' is not defined in a Python source module")
     return fn
 
 
@@ -395,7 +432,7 @@ def _call_user(
     if params is not None and not has_var_kw:
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise ValueError(
+            raise _KwargError(
                 f"model.kwargs={kwargs!r}: {', '.join(unknown)} not accepted by the user model "
                 f"builder; it takes {', '.join(params) or 'no arguments'}"
             )
@@ -410,14 +447,32 @@ def build_model(
     input_shape = tuple(int(d) for d in input_shape)
     validate_model_name(name)
     key = name.lower()
-    if key in _REGISTRY:
-        return _REGISTRY[key](num_classes, input_shape, kw)
-    if name.startswith("torchvision:"):
-        import torchvision.models as tvm
+    given = dict(kw)
+    try:
+        if key in _REGISTRY:
+            return _REGISTRY[key](num_classes, input_shape, kw)
+        if name.startswith("torchvision:"):
+            import torchvision.models as tvm
 
-        return tvm.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes, **kw)
+            tv = name.split(":", 1)[1]
+            return tvm.get_model(tv, weights=None, num_classes=num_classes, **kw)
+    except _KwargError:
+        raise
+    except Exception as exc:  # e.g. a kwarg of the wrong type: one line, naming the fields
+        raise ValueError(
+            f"model.name='{name}' with model.kwargs={given!r}: building the model failed "
+            f"({_one_line(exc)})"
+        ) from exc
     fn = _resolve_import_path(name)
-    model = _call_user(fn, num_classes, input_shape, kw)
+    try:
+        model = _call_user(fn, num_classes, input_shape, kw)
+    except _KwargError:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"model.name='{name}': the user builder raised {_one_line(exc)} "
+            f"(model.kwargs={given!r})"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise _unknown(name, f"the builder returned {type(model).__name__}, not a torch.nn.Module")
     return model

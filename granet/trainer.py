@@ -19,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granet.config import Config, config_hash, dump_yaml
+from granet.config import Config, ConfigError, config_hash, dump_yaml
 from granet.data import Dataset, Split, iterate_batches, load_dataset
 from granet.io import RunPaths, atomic_write_text, load_checkpoint, save_checkpoint, write_parquet
 from granet.models import build_model
-from granet.sparse.engine import SparseEngine
+from granet.sparse.engine import NonFiniteError, SparseEngine
 from granet.sparse.metrics import dead_relu_share
 
-__all__ = ["Diverged", "Callback", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
+__all__ = ["Callback", "Diverged", "Trainer", "lr_at_epoch", "resolve_device", "run_dir_for"]
+
+# Keys every resumable checkpoint holds (Trainer.state_dict).
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "engine", "rng", "history", "layer_history")
 
 # Fixed seed of the train/validation split: every run seed and every trunk/probe of a study sees
 # the same split, so test and validation numbers compare across seeds.
@@ -34,12 +37,22 @@ DATA_SPLIT_SEED = 0
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite loss or non-finite weights; ``trainer.history`` keeps the
-    last finite epochs."""
+    """Training produced a non-finite loss or weight; the run stopped at once.
+
+    Attributes:
+        epoch: epochs completed (all finite) when it was detected.
+        step: optimizer steps completed when it was detected.
+        reason: ``"non-finite loss"`` or ``"non-finite weights in <parameter name>"``.
+        summary: the trainer's summary (last finite metrics, ``status="diverged"``), set by
+            :meth:`Trainer.fit` before it raises.
+    """
 
     def __init__(self, epoch: int, step: int, reason: str) -> None:
-        super().__init__(f"diverged at epoch {epoch} ({reason})")
-        self.epoch, self.step, self.reason = epoch, step, reason
+        self.epoch = int(epoch)
+        self.step = int(step)
+        self.reason = reason
+        self.summary: dict[str, Any] = {}
+        super().__init__(f"diverged at epoch {self.epoch + 1}, step {self.step}: {reason}")
 
 
 class Callback:
@@ -155,12 +168,16 @@ class Trainer:
         self.steps_per_epoch = n_train // cfg.data.batch_size  # drop_last: every step full-size
 
         torch.manual_seed(cfg.run.seed)  # model init
-        self.model = build_model(
-            cfg.model.name,
-            num_classes=data.num_classes,
-            input_shape=tuple(data.input_shape),
-            kwargs=cfg.model.kwargs,
-        ).to(self.device)
+        try:
+            model = build_model(
+                cfg.model.name,
+                num_classes=data.num_classes,
+                input_shape=tuple(data.input_shape),
+                kwargs=cfg.model.kwargs,
+            )
+        except ValueError as exc:  # a bad name, kwargs, or a user builder that raised
+            raise ConfigError(str(exc)) from exc
+        self.model = model.to(self.device)
         if self.channels_last and len(data.input_shape) == 3:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -175,6 +192,13 @@ class Trainer:
             input_shape=tuple(data.input_shape),
         )
         self.epoch = 0  # epochs completed
+        # "running" until fit() returns ("done") or raises Diverged ("diverged").
+        self.status = "running"
+        self.diverged: Diverged | None = None
+        # Check the loss for non-finite values at every step (a host sync) or only at mask-update
+        # events and epoch ends (a device-side flag). Either way no mask update ever reads a
+        # non-finite weight: the engine refuses it (NonFiniteError).
+        self.check_every_step = self.device.type == "cpu"
         self.history: list[dict[str, Any]] = []
         self.layer_history: list[dict[str, Any]] = []
         self.stop = False
@@ -219,7 +243,7 @@ class Trainer:
         """Start from another run's checkpoint (a plasticity probe branching from its trunk):
         weights, masks and optionally optimizer state; epoch, step and history start afresh.
         """
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location=self.device, keys=("model", "engine"))
         self.model.load_state_dict(state["model"])
         if optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -238,10 +262,13 @@ class Trainer:
     def try_resume(self) -> bool:
         """Resume from the run directory's checkpoint if there is one.
 
-        Raises ValueError (before anything is written) if the checkpoint is of another config.
+        Raises ValueError (before anything is written) if the checkpoint is of another config,
+        and :class:`~granet.io.CheckpointError` if it is empty, truncated or corrupt.
         """
-        if self.paths.checkpoint.is_file():
-            state = load_checkpoint(self.paths.checkpoint, map_location=self.device)
+        if self.paths.checkpoint.exists():
+            state = load_checkpoint(
+                self.paths.checkpoint, map_location=self.device, keys=CHECKPOINT_KEYS
+            )
             saved, current = state.get("meta", {}).get("config_hash"), config_hash(self.cfg)
             if saved is not None and saved != current:
                 raise ValueError(
@@ -269,6 +296,7 @@ class Trainer:
         gen = _epoch_generator(cfg.run.seed, self.epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        bad_loss = torch.zeros((), device=self.device, dtype=torch.bool)
         seen = 0
         events = pruned = regrown = 0
         for x, y in iterate_batches(
@@ -277,11 +305,22 @@ class Trainer:
         ):
             out = self._forward(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            if self.check_every_step:
+                if not math.isfinite(float(loss.detach())):  # before the step: weights stay finite
+                    raise Diverged(self.epoch, self.engine.step_count, "non-finite loss")
+            else:
+                bad_loss |= ~torch.isfinite(loss.detach())  # on the device: no host sync
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            event = self.engine.step(len(y))
+            try:
+                event = self.engine.step(len(y))
+            except NonFiniteError as exc:
+                reason = "non-finite loss" if bool(bad_loss) else exc.reason
+                raise Diverged(self.epoch, self.engine.step_count, reason) from exc
             if event is not None:
+                if bool(bad_loss):  # one sync per mask-update event
+                    raise Diverged(self.epoch, self.engine.step_count, "non-finite loss")
                 events += 1
                 pruned += event["pruned"]
                 regrown += event["regrown"]
@@ -289,6 +328,11 @@ class Trainer:
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
+        if bool(bad_loss):
+            raise Diverged(self.epoch, self.engine.step_count, "non-finite loss")
+        bad = self.first_non_finite()
+        if bad is not None:
+            raise Diverged(self.epoch, self.engine.step_count, f"non-finite weights in {bad}")
         return {
             "lr": lr,
             "train_loss": float(loss_sum) / max(seen, 1),
@@ -297,6 +341,21 @@ class Trainer:
             "pruned": float(pruned),
             "regrown": float(regrown),
         }
+
+    @torch.no_grad()
+    def first_non_finite(self) -> str | None:
+        """Name of the first parameter or floating-point buffer holding a NaN or inf, else None
+        (one host sync)."""
+        named = [
+            (n, t) for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if t.is_floating_point()
+        ]
+        if not named:
+            return None
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+        if bool(finite.all()):
+            return None
+        return named[int((~finite).nonzero()[0])][0]
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> tuple[float, float]:
@@ -337,7 +396,27 @@ class Trainer:
 
     def fit(self, *, resume: bool = True) -> dict[str, Any]:
         """Train to ``run.epochs`` (resuming from the run directory if asked); return the
-        summary."""
+        summary (``status="done"``).
+
+        Raises :class:`Diverged` as soon as a loss or weight is non-finite. Before it raises,
+        ``history`` holds the finite epochs only, the summary (``status="diverged"``, the last
+        finite metrics) is written to ``summary.json`` (with ``write``) and passed to the
+        callbacks' ``on_train_end``; the checkpoint keeps the last finite state it saved.
+        """
+        try:
+            return self._fit(resume=resume)
+        except Diverged as exc:
+            self.status, self.diverged = "diverged", exc
+            exc.summary = summary = self.summary()
+            if self.write:
+                self.paths.root.mkdir(parents=True, exist_ok=True)
+                self._write_tables()  # the finite epochs; the checkpoint is left as it was
+                atomic_write_text(self.paths.summary, json.dumps(summary, indent=2))
+            for cb in self.callbacks:
+                cb.on_train_end(self, summary)
+            raise
+
+    def _fit(self, *, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         if resume and self.write:
             self.try_resume()
@@ -369,6 +448,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_checkpoint(self, path, rec)
             self.request_checkpoint = False
+        self.status = "done"
         summary = self.summary()
         if self.write:
             self._write_tables()
@@ -388,9 +468,15 @@ class Trainer:
             "epoch", "test_acc", "val_acc", "best_val_acc", "test_at_best_val", "density",
             "density_all", "inference_flops", "inference_flops_ratio", "train_flops", "itop_rate",
         )
-        return {
+        out: dict[str, Any] = {
             "run_dir": str(self.paths.root),
             "config_hash": config_hash(self.cfg),
             "method": self.cfg.sparsity.method,
+            "status": self.status,
             **{k: last[k] for k in keys if k in last},
         }
+        if self.diverged is not None:
+            out["reason"] = self.diverged.reason
+            out["diverged_epoch"] = self.diverged.epoch + 1
+            out["diverged_step"] = self.diverged.step
+        return out

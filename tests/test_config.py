@@ -23,6 +23,7 @@ from granet.config import (
     dump_yaml,
     load_config,
     parse_override,
+    read_yaml_mapping,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,23 @@ def test_round_trip_of_every_field_type(tmp_path: Path) -> None:
     assert config_to_dict(again) == config_to_dict(cfg)
 
 
-def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
-    (tmp_path / "empty.yaml").write_text("")
-    assert load_config(tmp_path / "empty.yaml") == Config()
+def test_defaults_without_a_file_and_empty_files_refused(tmp_path: Path) -> None:
     assert load_config(None) == Config()
+    for name, text in (("empty.yaml", ""), ("comments.yaml", "# nothing yet\n\n  # at all\n"),
+                       ("null.yaml", "~\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == (
+            f"config file '{path}': is empty (or holds only comments); to train the defaults, "
+            f"omit the config file"
+        )
+        # The shared reader: empty is {} unless the caller refuses it (studies reuse the rule).
+        assert read_yaml_mapping(path) == {}
+        with pytest.raises(ConfigError, match="is empty"):
+            read_yaml_mapping(path, allow_empty=False)
+    assert read_yaml_mapping(None, allow_empty=False) == {}
 
 
 # ------------------------------------------------------------------ hash
@@ -146,6 +160,40 @@ def test_hash_differs_when_a_value_differs() -> None:
     hashes = {config_hash(load_config(EXAMPLE, [c])) for c in changed}
     assert len(hashes) == len(changed)
     assert config_hash(base) not in hashes
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.nesterov=false",
+        "optim.weight_decay=0",
+        "optim.milestones=[]",
+        "run.dead_unit_eval=false",
+        "data.augment=false",
+        "sparsity.regen_min=0",
+        "sparsity.min_layer_density=0.0",
+        "optim.momentum=0",
+        "sparsity.compat_floored_schedule=false",
+    ],
+)
+def test_hash_sees_a_falsy_non_default_value(override: str) -> None:
+    # Falsy values (false, 0, []) that differ from the default are part of the run: a hash
+    # that skipped them would put two different runs into one directory.
+    base = Config()
+    cfg = load_config(None, [override, "optim.nesterov=false"]
+                      if override == "optim.momentum=0" else [override])
+    key, raw = override.split("=", 1)
+    group, name = key.split(".")
+    value = getattr(getattr(cfg, group), name)
+    assert not value
+    if value == getattr(getattr(base, group), name):  # a falsy default: no change, same hash
+        assert config_hash(cfg) == config_hash(base)
+        return
+    assert config_hash(cfg) != config_hash(base)
+    expected = {group: {name: value}}
+    if override == "optim.momentum=0":
+        expected["optim"]["nesterov"] = False
+    assert config_hash(cfg) == _sha(expected)
 
 
 def test_hash_ignores_locations() -> None:

@@ -176,3 +176,40 @@ def test_cifar_augmentation_matches_hand_computed() -> None:
 def test_iterate_batches_rejects_unknown_augment() -> None:
     with pytest.raises(ValueError, match="augment"):
         next(iterate_batches(_split(4), 2, shuffle=False, augment="mixup"))
+
+
+def test_download_offline_is_named_and_bounded(tmp_path, monkeypatch) -> None:
+    """data.download=true without a network: a FileNotFoundError naming data.data_dir and the
+    fix, within the probe's timeout even when connecting hangs; the directory is not created."""
+    import socket
+    import time
+
+    import granet.data as gdata
+
+    def hang(*args, **kwargs):  # a connection attempt that answers far too late
+        time.sleep(5)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(gdata, "DOWNLOAD_PROBE_TIMEOUT_S", 0.5)
+    data = tmp_path / "cifar"
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar100", data_dir=str(data), download=True)
+    assert time.perf_counter() - t0 < 10
+    msg = str(info.value)
+    assert msg.startswith(f"cifar100 not found under data.data_dir='{data}', and "
+                          "data.download=true cannot reach https://www.cs.toronto.edu/")
+    assert "(no answer within 0.5 s)" in msg
+    assert "place the extracted torchvision files ('cifar-100-python/') under data.data_dir" in msg
+    assert not data.exists()
+
+
+def test_download_into_a_data_dir_under_a_file(tmp_path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10", data_dir=str(tmp_path / "f" / "d"), download=True)
+    assert str(info.value) == (
+        f"data.data_dir='{tmp_path / 'f' / 'd'}': '{tmp_path / 'f'}' is a file, not a "
+        f"directory; point data.data_dir at a directory"
+    )

@@ -140,3 +140,50 @@ def test_unknown_kwarg_rejected() -> None:
 def test_validate_accepts_good_names() -> None:
     for name in [*available_models(), "RESNET20", "torchvision:resnet18"]:
         validate_model_name(name)
+
+
+def test_user_builders_must_be_model_code(tmp_path, monkeypatch) -> None:
+    """A Python function or an nn.Module class from a Python module is built; a built-in, a
+    non-Module class or a callable instance is refused before it is called."""
+    (tmp_path / "granet_models_fixture.py").write_text(
+        "import os\n"
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes, input_shape, width=4):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(input_shape[-1], num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x).flatten(1)\n"
+        "class Store:\n"
+        "    def __init__(self, path):\n"
+        "        open(path, 'w').close()\n"
+        "def make(num_classes, path):\n"
+        "    raise OSError(f'cannot read {path}')\n"
+        "system = os.system\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("granet_models_fixture:Net", num_classes=3, input_shape=(1, 40),
+                        kwargs={"width": 2})
+    assert model(torch.randn(2, 1, 40)).shape == (2, 3)
+    touched = tmp_path / "touched"
+    for name, fragment in [
+        ("granet_models_fixture:Store", "'Store' is a class but not a torch.nn.Module subclass"),
+        ("granet_models_fixture:system", "'system' is a built-in"),
+        ("os:system", "'system' is a built-in"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            build_model(name, num_classes=3, input_shape=(1, 40),
+                        kwargs={"path": str(touched), "command": f"touch {touched}"})
+        assert f"model.name='{name}'" in str(info.value) and fragment in str(info.value)
+        with pytest.raises(ValueError, match=fragment):
+            validate_model_name(name)
+    assert not touched.exists()
+    # A plain function is called; what it raises comes back as one line naming model.name.
+    with pytest.raises(ValueError) as info:
+        build_model("granet_models_fixture:make", num_classes=3, input_shape=(1, 40),
+                    kwargs={"path": "/x"})
+    assert str(info.value) == (
+        "model.name='granet_models_fixture:make': the user builder raised OSError: cannot read "
+        "/x (model.kwargs={'path': '/x'})"
+    )
+    assert isinstance(info.value.__cause__, OSError)

@@ -19,7 +19,9 @@ import yaml
 from granet.cli import main
 from granet.config import config_hash, load_config
 from granet.io import load_checkpoint
-from granet.trainer import Callback, Trainer, lr_at_epoch, run_dir_for
+from granet.sparse.engine import NonFiniteError
+from granet.sparse.schedules import gmp_sparsity
+from granet.trainer import Callback, Diverged, Trainer, lr_at_epoch, run_dir_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,3 +256,205 @@ def test_probe_branches_from_a_checkpoint(tmp_path: Path) -> None:
     for a, b in zip(probe.engine.masks, trunk.engine.masks, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(probe.model.classifier[1].weight, trunk.model.classifier[1].weight)
+
+
+# ------------------------------------------------------------------ divergence
+
+# sklearn digits and a one-hidden-layer MLP: 10 steps per epoch, a few ms each.
+DIGITS = ["data.name=digits", "model.name=mlp", "model.kwargs={hidden: [32]}",
+          "optim.schedule=constant", "data.batch_size=128"]
+
+
+class Poison(Callback):
+    """Fault injection: after the checkpoint of ``epoch`` is saved, scale every weight by 1e30
+    (the next forward overflows float32) and keep that checkpoint's bytes."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.saved: bytes | None = None
+
+    def on_checkpoint(self, trainer: Trainer, path: Path, record: dict[str, Any]) -> None:
+        if trainer.epoch == self.epoch:
+            self.saved = path.read_bytes()
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.mul_(1e30)
+
+
+@pytest.mark.parametrize("every_step", [True, False], ids=["per_step", "deferred"])
+def test_divergence_stops_at_once_and_keeps_the_last_finite_state(
+    every_step: bool, tmp_path: Path
+) -> None:
+    # GraNet pruning over epochs 0..2, regeneration-only events every 3 steps afterwards: the
+    # diverged epoch 3 has mask-update events, which must not touch the masks.
+    cfg = load_config(None, [*DIGITS, "run.epochs=5", "sparsity.method=granet",
+                             "sparsity.final_density=0.3", "sparsity.update_interval=3",
+                             "sparsity.prune_end_epoch=2", "optim.lr=0.1"])
+    poison = Poison(2)
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", callbacks=[poison])
+    trainer.check_every_step = every_step  # the deferred (GPU) check, exercised on the CPU
+    with pytest.raises(Diverged) as info:
+        trainer.fit()
+    exc = info.value
+    assert exc.epoch == 2 and exc.reason == "non-finite loss"
+    # per step: caught before the first step of epoch 3 is taken; deferred: at the first event.
+    assert exc.step == (20 if every_step else 21)
+    assert [h["epoch"] for h in trainer.history] == [1, 2]
+    assert trainer.status == "diverged" and trainer.diverged is exc
+    summary = trainer.summary()
+    assert summary["status"] == "diverged" and summary["reason"] == "non-finite loss"
+    assert summary["epoch"] == 2 and summary["diverged_epoch"] == 3
+    for key in ("test_acc", "val_acc", "test_at_best_val", "density", "itop_rate"):
+        assert summary[key] == trainer.history[-1][key], key
+    assert exc.summary == summary
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    # The checkpoint is epoch 2's, byte for byte; the tables hold the two finite epochs.
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == poison.saved
+    rows = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # The masks are the checkpoint's: never pruned or regrown from the non-finite weights.
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for m, saved in zip(trainer.engine.masks, ckpt["engine"]["masks"], strict=True):
+        assert torch.equal(m, saved)
+    assert trainer.engine.density() == pytest.approx(0.3, abs=1e-3)
+    assert trainer.history[-1]["density"] == trainer.engine.density()
+
+
+def test_divergence_from_a_huge_learning_rate_never_empties_the_masks() -> None:
+    # lr = 1e6 for real: the weights blow up within a few steps. Deferred check, so the
+    # non-finite weights do reach a mask-update event (every 2 steps): the engine refuses it.
+    cfg = load_config(None, [*DIGITS, "run.epochs=2", "optim.lr=1e6", "sparsity.method=granet",
+                             "sparsity.init_density=0.5", "sparsity.final_density=0.2",
+                             "sparsity.update_interval=2", "sparsity.prune_end_epoch=2"])
+    trainer = Trainer(cfg, write=False)
+    trainer.check_every_step = False
+    eng = trainer.engine
+    with pytest.raises(Diverged) as info:
+        trainer.fit()
+    exc = info.value
+    assert exc.reason == "non-finite loss" and exc.epoch == 0
+    assert isinstance(exc.__cause__, NonFiniteError)  # stopped by the engine, at an event
+    assert exc.step % 2 == 0 and exc.step >= 2
+    # The masks are those of the last finite event (step - 2): exactly K = round(N (1 - s_t)).
+    last = exc.step - 2
+    if last:
+        s_t = gmp_sparsity(last, eng.s_i, eng.s_f, eng.window)
+        assert sum(eng.nnz) == round(eng.total * (1 - s_t))
+    assert eng.density() > 0.2 and eng.last_event.get("step", 0) == last
+    assert trainer.history == [] and trainer.summary()["status"] == "diverged"
+
+
+@pytest.mark.parametrize("every_step", [True, False], ids=["per_step", "deferred"])
+def test_non_finite_weights_with_a_finite_loss_are_named(every_step: bool) -> None:
+    # A hidden unit with bias -inf: ReLU outputs 0, so the loss and every gradient stay finite
+    # (no weight decay to turn -inf into NaN), but the weights do not: the epoch-end check names
+    # the parameter.
+    cfg = load_config(None, [*DIGITS, "run.epochs=2", "sparsity.method=static",
+                             "sparsity.final_density=0.5", "optim.weight_decay=0"])
+
+    class MinusInfBias(Callback):
+        def on_train_start(self, trainer: Trainer) -> None:
+            with torch.no_grad():
+                trainer.model.net[1].bias[0] = -math.inf
+
+    trainer = Trainer(cfg, write=False, callbacks=[MinusInfBias()])
+    trainer.check_every_step = every_step
+    with pytest.raises(Diverged) as info:
+        trainer.fit()
+    assert info.value.reason == "non-finite weights in net.1.bias"
+    assert (info.value.epoch, info.value.step) == (0, 10)
+    assert trainer.history == []
+    assert trainer.first_non_finite() == "net.1.bias"
+
+
+def test_summary_status_done_and_keys_kept() -> None:
+    cfg = load_config(None, [*DIGITS, "run.epochs=1", "sparsity.method=static"])
+    trainer = Trainer(cfg, write=False)
+    assert trainer.status == "running"
+    summary = trainer.fit()
+    assert summary["status"] == "done" and "reason" not in summary
+    assert set(summary) == {
+        "run_dir", "config_hash", "method", "status", "epoch", "test_acc", "val_acc",
+        "best_val_acc", "test_at_best_val", "density", "density_all", "inference_flops",
+        "inference_flops_ratio", "train_flops", "itop_rate",
+    }
+
+
+# ------------------------------------------------------------------ what an epoch records
+
+
+def test_every_epoch_draws_its_own_data_order() -> None:
+    """Each epoch visits the training samples once, in an order of its own that depends only
+    on (seed, epoch): a loop reusing one shuffle for every epoch fails here."""
+    cfg = load_config(None, [*DIGITS, "run.epochs=3", "sparsity.method=dense"])
+
+    def orders() -> list[list[int]]:
+        trainer = Trainer(cfg, write=False)
+        train_x = trainer.data.train.x.flatten(1)
+        seen: list[list[int]] = []
+
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if module.training:
+                # Index of every sample of the batch in the training split (rows are distinct).
+                x = args[0].flatten(1)
+                idx = (x[:, None, :] == train_x[None, :, :]).all(-1).float().argmax(1)
+                seen[-1].extend(idx.tolist())
+
+        class Epochs(Callback):
+            def on_train_start(self, trainer: Trainer) -> None:
+                seen.append([])
+
+            def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+                seen.append([])
+
+        trainer.callbacks.append(Epochs())
+        trainer.model.register_forward_pre_hook(hook)
+        trainer.fit()
+        return seen[:-1]
+
+    first, again = orders(), orders()
+    n_train = 1294  # digits: 1438 training images, 144 of them held out for validation
+    assert len(first) == 3
+    for order in first:
+        assert len(order) == (n_train // 128) * 128 and len(set(order)) == len(order)
+    assert first[0] != first[1] and first[1] != first[2] and first[0] != first[2]
+    assert first == again  # the same seed: the same orders
+
+
+def test_test_and_validation_metrics_come_from_their_own_splits() -> None:
+    cfg = load_config(None, [*DIGITS, "run.epochs=2", "sparsity.method=static",
+                             "sparsity.final_density=0.3", "data.val_fraction=0.2"])
+    trainer = Trainer(cfg, write=False)
+    trainer.fit()
+    last = trainer.history[-1]
+    trainer.model.eval()
+    with torch.no_grad():
+        for split, acc_key, loss_key in ((trainer.data.test, "test_acc", "test_loss"),
+                                         (trainer.data.val, "val_acc", "val_loss")):
+            logits = trainer.model(split.x)
+            correct = int((logits.argmax(1) == split.y).sum())
+            assert last[acc_key] == correct / len(split.y), acc_key
+            loss = float(torch.nn.functional.cross_entropy(logits, split.y))
+            assert last[loss_key] == pytest.approx(loss, rel=1e-5), loss_key
+    # The two splits give different numbers here, so a swap could not pass unnoticed.
+    assert last["test_acc"] != last["val_acc"]
+    assert len(trainer.data.test.y) == 359 and len(trainer.data.val.y) == 288
+
+
+def test_test_at_best_val_is_the_test_accuracy_of_the_best_validation_epoch() -> None:
+    # Constant lr 0.3 on digits: validation accuracy goes up and down (measured: best at epoch
+    # 3, lower at 4, tied at 5), so "the current epoch's test accuracy" differs from the right
+    # one at some epochs.
+    cfg = load_config(None, [*DIGITS, "run.epochs=6", "optim.lr=0.3", "data.batch_size=64",
+                             "sparsity.method=static", "sparsity.final_density=0.5"])
+    trainer = Trainer(cfg, write=False)
+    trainer.fit()
+    h = trainer.history
+    differs = 0
+    for i, rec in enumerate(h):
+        vals = [r["val_acc"] for r in h[: i + 1]]
+        best = vals.index(max(vals))  # the first epoch with the best validation accuracy
+        assert rec["best_val_acc"] == h[best]["val_acc"]
+        assert rec["test_at_best_val"] == h[best]["test_acc"], (i, best)
+        differs += h[best]["test_acc"] != rec["test_acc"]
+    assert differs >= 1  # the run exercises the case where best and current epochs differ

@@ -39,7 +39,18 @@ from granet.sparse.prune import (
 )
 from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
 
-__all__ = ["SparseEngine", "MaskedLayer", "prunable_layers"]
+__all__ = ["SparseEngine", "MaskedLayer", "NonFiniteError", "prunable_layers"]
+
+
+class NonFiniteError(RuntimeError):
+    """A mask update would read a NaN or inf (weights or growth scores); the masks were left
+    unchanged. ``reason`` says what, e.g. ``"non-finite weights in conv1.weight"``; ``step`` is
+    the engine's step count."""
+
+    def __init__(self, reason: str, step: int) -> None:
+        self.reason = reason
+        self.step = int(step)
+        super().__init__(f"step {self.step}: {reason}; masks not updated")
 
 
 @dataclass
@@ -132,6 +143,7 @@ class SparseEngine:
         self.pruned_total = 0
         self.regrown_total = 0
         self.last_event: dict[str, Any] = {}
+        self._finite_checked = False  # True while an event runs (checked once at its start)
 
         start = round(cfg.prune_start_epoch * self.steps_per_epoch)
         if self.preset.gradual_prune:
@@ -289,16 +301,22 @@ class SparseEngine:
         regen = self.preset.regenerate and on_grid
         if target is None and not regen:
             return None
+        # Checked once for the whole event, so a non-finite value leaves every mask as it was.
+        self.require_finite(growth=self.growth if regen else None)
         event: dict[str, Any] = {"step": t, "target_sparsity": target, "pruned": 0, "regrown": 0}
-        if target is not None:
-            event["pruned"] = self.prune_to_sparsity(target)
-        if regen:
-            r = self.regen_rate(t)
-            event["regen_rate"] = r
-            event["regrown"] = self.regenerate(r)
-            if self.growth == "gradient" and self._dense_flops is not None:
-                # The dense gradient used for regrowth costs one dense weight-gradient pass.
-                self.train_flops += batch * (self.dense_flops - self._sparse_flops)
+        self._finite_checked = True
+        try:
+            if target is not None:
+                event["pruned"] = self.prune_to_sparsity(target)
+            if regen:
+                r = self.regen_rate(t)
+                event["regen_rate"] = r
+                event["regrown"] = self.regenerate(r)
+                if self.growth == "gradient" and self._dense_flops is not None:
+                    # The dense gradient used for regrowth costs one dense weight-gradient pass.
+                    self.train_flops += batch * (self.dense_flops - self._sparse_flops)
+        finally:
+            self._finite_checked = False
         self.pruned_total += event["pruned"]
         self.regrown_total += event["regrown"]
         event["density"] = self.density()
@@ -327,6 +345,35 @@ class SparseEngine:
         return [layer.param.detach() for layer in self.layers]
 
     @torch.no_grad()
+    def require_finite(self, *, growth: str | None = None) -> None:
+        """Raise :class:`NonFiniteError` if a masked weight, or the growth scores' source for
+        ``growth`` (gradients, the momentum average), holds a NaN or inf. One host sync.
+
+        Every mask update calls it first: magnitudes and scores of NaN order arbitrarily, so a
+        diverged model would otherwise be pruned to nothing.
+        """
+        if self._finite_checked:  # inside an event: checked once at its start
+            return
+        named: list[tuple[str, torch.Tensor]] = [
+            (f"weights in {layer.name}.weight", layer.param.detach()) for layer in self.layers
+        ]
+        if growth == "gradient" or (growth == "momentum" and self.grad_momentum is None):
+            named += [
+                (f"gradients of {layer.name}.weight", layer.param.grad)
+                for layer in self.layers if layer.param.grad is not None
+            ]
+        elif growth == "momentum" and self.grad_momentum is not None:
+            named += [
+                (f"gradient momentum of {layer.name}.weight", m)
+                for layer, m in zip(self.layers, self.grad_momentum, strict=True)
+            ]
+        finite = torch.stack([torch.isfinite(t).all().to(self.layers[0].param.device)
+                              for _, t in named])
+        if not bool(finite.all()):
+            what = named[int((~finite).nonzero()[0])][0]
+            raise NonFiniteError(f"non-finite {what}", self.step_count)
+
+    @torch.no_grad()
     def prune_to_sparsity(self, sparsity: float, *, scope: str | None = None) -> int:
         """Magnitude-prune to ``sparsity`` over the masked weights; returns the count removed.
 
@@ -334,6 +381,7 @@ class SparseEngine:
         ``min_layer_density`` if set); layerwise: every layer to round(n_l (1 - s)).
         """
         scope = scope or self.cfg.prune_scope
+        self.require_finite()
         before = sum(self.nnz)
         if scope == "global":
             keep = round(self.total * (1.0 - sparsity))
@@ -366,6 +414,7 @@ class SparseEngine:
         """
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio={ratio}: must be in [0, 1)")
+        self.require_finite()
         before = list(self.nnz)
         if structure == "filter":
             skip = [i == len(self.layers) - 1 for i in range(len(self.layers))]
@@ -394,6 +443,7 @@ class SparseEngine:
         New weights are 0 (inactive weights are exact zeros) with 0 optimizer state.
         """
         mode = mode or self.growth
+        self.require_finite(growth=mode)
         new = []
         for layer, m, c in zip(self.layers, self.masks, counts, strict=True):
             if c <= 0:
@@ -414,6 +464,7 @@ class SparseEngine:
         (just-removed ones included; one picked again keeps its value). Per-layer nnz unchanged.
         Returns the number of newly active positions that were not active before.
         """
+        self.require_finite(growth=self.growth)
         new = []
         regrown = 0
         for layer, m, nnz in zip(self.layers, self.masks, self.nnz, strict=True):

@@ -216,12 +216,7 @@ def load_study_config(
 
     Raises :class:`ConfigError` on any problem; reads files only, writes nothing.
     """
-    data = read_yaml_mapping(path)
-    if path is not None and not data:
-        raise ConfigError(
-            f"config file {str(path)!r}: is empty; give the study's fields, or omit the file "
-            "to run the study's defaults"
-        )
+    data = read_yaml_mapping(path, allow_empty=False)
     overrides = list(overrides or [])
     study = config_from_dict(_apply_study_overrides(data, overrides, cls), cls)
     if smoke_test:  # shrink, then apply the overrides again: they win over the smoke grid

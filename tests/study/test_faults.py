@@ -217,8 +217,8 @@ def test_unreadable_trunk_checkpoint_fails_probe_once_then_trunk_retrains(ray_se
     assert list(statuses.values()) == ["failed"]  # one start, no pointless retries
     key = next(iter(statuses))
     row = results.read_table(sd, "trials", "probe").to_pylist()[0]
-    assert f"checkpoint {str(bad)!r}: unreadable" in row["message"]
-    assert "delete it and run again" in row["message"]
+    assert f"checkpoint {str(bad)!r}: cannot be read: truncated" in row["message"]
+    assert "delete it and re-run" in row["message"]
     assert (StudyPaths(sd).failure(key)).read_text().startswith("trunk checkpoint unusable")
     assert first["failed"] == {"trunk": 0, "probe": 0} and first["statuses"]["failed"] == 1
     trunk_runs = [r for r in _runs(sd) if r.data.tags.get("granet.stage") == "trunk"]

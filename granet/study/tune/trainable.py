@@ -280,7 +280,7 @@ def granet_trainable(config: dict[str, Any]) -> None:
     try:
         trial.trainer.fit(resume=False)
     except Diverged as exc:
-        msg = f"diverged at epoch {exc.epoch} ({exc.reason})"
+        msg = f"diverged at epoch {exc.epoch + 1} ({exc.reason})"
         log.warning("granet: warning: trial %s %s", spec.key, msg)
         trial.write_results("diverged", msg)
         trial.finish_run("FAILED", tags={"granet.status": "diverged", "granet.error": msg})
