@@ -20,7 +20,7 @@ from granet.study import results
 from granet.study.paths import StudyPaths
 
 from .conftest import MlflowServer
-from .faults import CorruptBeforeProbe
+from .faults import CorruptBeforeProbe, FailAtEpoch
 from .helpers import ROOT, TINY, run, run_tiny_plasticity, script_env, summary_of
 
 
