@@ -41,7 +41,13 @@ from granet.sparse.prune import (
 from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
 from granet.sparse.select import classify_parameters
 
-__all__ = ["SparseEngine", "MaskedLayer", "LayerCollapseWarning", "prunable_layers"]
+__all__ = [
+    "SparseEngine",
+    "MaskedLayer",
+    "LayerCollapseWarning",
+    "UnmaskedWeightWarning",
+    "prunable_layers",
+]
 
 
 @dataclass
@@ -85,6 +91,11 @@ class LayerCollapseWarning(UserWarning):
     """A masked layer fell to (or below) ``sparsity.collapse_density``."""
 
 
+class UnmaskedWeightWarning(UserWarning):
+    """A parameter is a matmul/conv operand, but no rule masks it and the config does not
+    exclude it (a custom module multiplying by a raw ``nn.Parameter``)."""
+
+
 class SparseEngine:
     """Masks for every prunable weight, applied after each optimizer step, plus GraNet's updates.
 
@@ -125,9 +136,15 @@ class SparseEngine:
         self.optimizer = optimizer
         self.preset = preset_for(cfg.method)
         self.growth = cfg.growth or self.preset.default_growth or "gradient"
-        self.layers = prunable_layers(
-            model, cfg.dense_layers, include=cfg.include, exclude=cfg.exclude
+        # Every parameter with the rule's decision (``granet layers`` prints them).
+        self.param_infos = classify_parameters(
+            model, include=cfg.include, exclude=cfg.exclude, dense_layers=cfg.dense_layers
         )
+        self.layers = [
+            MaskedLayer(info.layer_name, info.module, info.param, info.name)
+            for info in self.param_infos
+            if info.prunable
+        ]
         self.sizes = [layer.param.numel() for layer in self.layers]
         self.total = sum(self.sizes)
         self.steps_per_epoch = int(steps_per_epoch)
@@ -491,6 +508,18 @@ class SparseEngine:
                 f"pass example_input= a real batch of the data set"
             ) from exc
         self.flop_count = count
+        for info in self.param_infos:
+            if info.kind != "matmul" and not info.prunable and count.by_param.get(id(info.param)):
+                if "sparsity.exclude" in info.reason:
+                    continue
+                info.reason = "matmul/conv operand of an unknown layer type: not masked"
+                warnings.warn(
+                    f"granet: parameter {info.name!r} ({info.role}) is a matmul/conv operand but "
+                    f"no rule masks it; add it to sparsity.include to sparsify it, or to "
+                    f"sparsity.exclude to keep it dense knowingly",
+                    UnmaskedWeightWarning,
+                    stacklevel=3,
+                )
         masked = {id(p) for p in self.params}
         self._dense_flops = [count.by_param.get(id(p), 0.0) for p in self.params]
         self._other_flops = count.unattributed + sum(

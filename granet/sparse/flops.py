@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_flop
+from torch.utils.flop_counter import flop_registry
 
 __all__ = ["FlopCount", "EXTRA_FORMULAS", "count_forward_flops"]
 
@@ -52,13 +52,21 @@ def _trilinear_flop(i1, i2, i3, expand1, expand2, expand3, sumdim, *args, out_va
     return 2 * math.prod(sizes)
 
 
+def _cpu_sdpa_flop(*args, out_val=None, **kwargs) -> int:
+    """The CPU SDPA kernel: the formula ``FlopCounterMode`` applies to the CUDA ones."""
+    return flop_registry[aten._scaled_dot_product_flash_attention](*args, out_val=out_val, **kwargs)
+
+
+# Both take the op's raw arguments (``_get_raw``), as FlopCounterMode's custom_mapping expects.
+_trilinear_flop._get_raw = True  # type: ignore[attr-defined]
+_cpu_sdpa_flop._get_raw = True  # type: ignore[attr-defined]
+
 EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
-    # The CPU SDPA kernel (FlopCounterMode counts the CUDA ones only): same formula.
-    aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
     aten._trilinear: _trilinear_flop,
 }
-"""Formulas for ops ``FlopCounterMode`` does not count; pass as its ``custom_mapping`` to
-compare like with like."""
+"""Formulas for ops ``FlopCounterMode`` does not count (CPU attention, ``nn.Bilinear``); pass
+them as its ``custom_mapping`` to compare like with like."""
 
 # Which positional arguments are the multiplied operands (a bias is not).
 _OPERANDS: dict[Any, tuple[int, ...]] = {
