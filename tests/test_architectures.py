@@ -472,3 +472,15 @@ def test_token_model_on_a_user_data_set_trains():
     assert summary["density"] == pytest.approx(0.5, abs=1e-3)
     assert summary["test_acc"] > 0.4  # 4 classes
     assert 0.5 < summary["inference_flops_ratio"] < 0.7
+
+
+def test_included_1d_weights_are_masked_and_filter_pruning_skips_them():
+    model, x, y = make("grouped_conv")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    eng = engine_for(model, opt, x, method="static", final_density=0.5, include=["bn.weight"],
+                     distribution="uniform")
+    assert [la.name for la in eng.layers][-2:] == ["bn", "bil"]
+    assert eng.nnz[-2] == 2 and eng.sizes[-2] == 4  # bn.weight: 4 channels, half masked
+    train(model, opt, eng, x, y, 2, check=lambda: contract(eng, opt))
+    removed = eng.prune_fraction(0.5, structure="filter", scope="layerwise")
+    assert removed[-2] == 0 and removed[-1] == 0 and sum(removed) > 0

@@ -84,6 +84,8 @@ def layer_name(param_name: str) -> str:
 def _kind(module: nn.Module, attr: str) -> tuple[str, str]:
     """(kind, role) of parameter ``attr`` directly owned by ``module``."""
     cls = type(module).__name__
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        cls = "Linear"  # attention's out_proj
     if isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS:
         return "matmul", f"MultiheadAttention.{attr}"
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and _RNN_WEIGHT.match(attr):
