@@ -183,8 +183,10 @@ def test_include_exclude_patterns_and_dense_layers():
     for field, pat in (("include", "embedding.weight"), ("exclude", "re:enc")):
         with pytest.raises(ConfigError, match=rf"sparsity\.{field}='{pat}': must match"):
             engine_for(model, None, x, method="static", **{field: [pat]})
-    with pytest.raises(ConfigError, match="sparsity.exclude"):
+    with pytest.raises(ConfigError, match=r"sparsity\.exclude\[0\]='re:\(': must be a valid"):
         load_config(None, ["sparsity.exclude=['re:(']"])
+    with pytest.raises(ConfigError, match=r"sparsity\.collapse_density=1\.0: must be in"):
+        load_config(None, ["sparsity.collapse_density=1.0"])
 
 
 def test_unknown_layer_type_warns_until_included_or_excluded():
