@@ -1,4 +1,4 @@
-"""Command line: ``granet train | export | study | report``."""
+"""Command line: ``granet train | layers | export | study | report``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    from granet.preflight import format_layer_table, layer_table
+
+    cfg = load_config(args.config, args.set)
+    rows, summary = layer_table(cfg)
+    print(format_layer_table(rows, summary, cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    lay = sub.add_parser(
+        "layers", help="print the weights the engine masks (shape, why, initial density, MACs)"
+    )
+    lay.add_argument("config", nargs="?", help="YAML config (defaults if omitted)")
+    lay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="dotted override, e.g. --set sparsity.exclude=[head.weight]")
+    lay.set_defaults(func=cmd_layers)
 
     e = sub.add_parser("export", help="export a run's sparse model")
     e.add_argument("run_dir")

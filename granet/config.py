@@ -115,7 +115,13 @@ class SparsityConfig:
     prune_start_epoch: float = _help("t_0: epoch where gradual pruning (and updates) start", 0.0)
     prune_end_epoch: float = _help("t_f: epoch where gradual pruning reaches d_f", 80.0)
     prune_scope: str = _help("gradual prune: global (one threshold) or layerwise", "global")
-    min_layer_density: float = _help("per-layer density floor for global pruning (0: off)", 0.0)
+    min_layer_density: float = _help(
+        "per-layer density floor for global pruning (0: off, as in the RigL/GraNet papers)", 0.0
+    )
+    collapse_density: float = _help(
+        "a layer at or below this density counts as collapsed: one warning per layer and the "
+        "collapsed_layers metric (0: only layers with no active weight)", 0.0
+    )
     regen_ratio: float = _help("r_0: initial regeneration ratio", 0.5)
     regen_min: float = _help("r_min: final regeneration ratio", 0.005)
     regen_decay: str = _help("regeneration decay: cosine, linear, constant", "cosine")
@@ -125,7 +131,17 @@ class SparsityConfig:
     growth: str | None = _help("growth score: gradient, random, momentum (None: method default)",
                                None)
     dense_layers: list[str] = _help(
-        "layers kept dense: exact module names, or 'first' / 'last'", factory=list
+        "layers kept dense: exact layer (module) or parameter names, or 'first' / 'last'",
+        factory=list,
+    )
+    include: list[str] = _help(
+        "parameter-name patterns masked besides the default rule (every matmul/conv weight): "
+        "globs like '*.embed.weight', or regexes written 're:<regex>'; each must match a "
+        "parameter", factory=list,
+    )
+    exclude: list[str] = _help(
+        "parameter-name patterns kept dense (glob or 're:<regex>', whole name; wins over "
+        "include); each must match a parameter", factory=list,
     )
     compat_floored_schedule: bool = _help(
         "reproduce the reference code's floored schedule grid (s_f approached, never set)", False
@@ -427,16 +443,33 @@ def _positive(path: str, value: float) -> None:
         raise ConfigError(f"{path}={value!r}: must be > 0")
 
 
+def _check_pattern(path: str, pattern: str) -> None:
+    import re
+
+    if not pattern or pattern == "re:":
+        raise ConfigError(f"{path}={pattern!r}: must be a non-empty glob or 're:<regex>'")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(
+                f"{path}={pattern!r}: must be a valid regular expression ({exc})"
+            ) from None
+
+
 def validate(cfg: Config) -> None:
     """Check every value and cross-field constraint; raise ConfigError on the first problem."""
-    from granet.data import available_datasets
+    from granet.data import validate_data_name
     from granet.models import validate_model_name
 
     d, m, o, s, r = cfg.data, cfg.model, cfg.optim, cfg.sparsity, cfg.run
     # First: the milestone, warm-up and pruning-window checks below are relative to it.
     if r.epochs < 1:
         raise ConfigError(f"run.epochs={r.epochs!r}: must be >= 1")
-    _choice("data.name", d.name, tuple(available_datasets()))
+    try:
+        validate_data_name(d.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not d.data_dir.strip():
         raise ConfigError(f"data.data_dir={d.data_dir!r}: must be a directory path")
     _range("data.val_fraction", d.val_fraction, 0.0, 1.0, hi_open=True)
@@ -496,6 +529,10 @@ def validate(cfg: Config) -> None:
             f"sparsity.min_layer_density={s.min_layer_density!r}: must be <= "
             f"sparsity.final_density={s.final_density!r}"
         )
+    _range("sparsity.collapse_density", s.collapse_density, 0.0, 1.0, hi_open=True)
+    for group in ("include", "exclude"):
+        for i, pat in enumerate(getattr(s, group)):
+            _check_pattern(f"sparsity.{group}[{i}]", pat)
     _range("sparsity.regen_ratio", s.regen_ratio, 0.0, 1.0)
     _range("sparsity.regen_min", s.regen_min, 0.0, 1.0)
     if s.regen_min > s.regen_ratio:

@@ -20,18 +20,44 @@ Data sets (:func:`available_datasets`):
 
 For ``digits``/``cifar*``, ``num_samples`` (when given) keeps a fixed seeded subset of that many
 training samples before the validation split, for quick runs.
+
+User data sets: ``data.name: package.module:function``. The function is called with
+``data_dir=`` and ``num_samples=`` if its signature takes them, and returns a dict::
+
+    {"train": (x, y), "test": (x, y),   # required
+     "val": (x, y),                     # optional: else data.val_fraction of train, seeded
+     "num_classes": 10,                 # optional for tensors (max label + 1), required if streamed
+     "stream": None,                    # Datasets: None = by size, True = stream, False = memory
+     "num_workers": 0}                  # DataLoader workers for streamed splits
+
+Each split is an ``(x, y)`` pair of tensors or numpy arrays, or a ``torch.utils.data.Dataset``
+whose items are ``(x, y)`` pairs. ``x``: one shape per sample across all splits; floating
+(converted to float32) or integer (kept as int64: token ids for an ``nn.Embedding``); ``y``:
+integer class labels in ``[0, num_classes)``. Everything is checked when loading and a problem
+raises :class:`~granet.config.ConfigError` naming ``data.name``. Tensors, and Datasets up to
+:data:`IN_MEMORY_MAX_BYTES`, are held in memory (moved to the GPU with the rest); larger Datasets
+are streamed through a ``DataLoader`` (:class:`StreamedSplit`) in the same seeded per-epoch order
+:func:`iterate_batches` gives in memory, so a run resumes identically either way. A streamed
+Dataset's labels are checked on a sample of items, and randomness inside its ``__getitem__`` is
+not seeded by granet. If the function does not take ``num_samples``, a fixed seeded subset of
+``num_samples`` training samples is kept, as for digits.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
+import math
 import os
 import random
+import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,13 +65,19 @@ from torch import Tensor
 
 __all__ = [
     "DIGITS_SPLIT_SEED",
+    "IN_MEMORY_MAX_BYTES",
     "MNIST1D_SEED",
+    "BuiltinInfo",
     "Dataset",
     "Split",
+    "StreamedSplit",
     "augment_cifar",
     "available_datasets",
+    "builtin_info",
+    "is_user_data",
     "iterate_batches",
     "load_dataset",
+    "validate_data_name",
 ]
 
 MNIST1D_SEED = 42  # the mnist1d package default: all runs share one generated data set
@@ -55,6 +87,7 @@ SUBSET_SEED = 0  # fixed subset when num_samples shrinks digits/cifar training s
 AUGMENTATIONS = ("cifar",)
 # How long data.download=true waits to reach the download host before saying it cannot.
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0
+IN_MEMORY_MAX_BYTES = 1 << 30  # user Datasets up to this size (estimated) are held in memory
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -82,9 +115,9 @@ class Dataset:
     """A whole data set in memory, with its metadata."""
 
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Split | StreamedSplit
+    val: Split | StreamedSplit
+    test: Split | StreamedSplit
     num_classes: int
     input_shape: tuple[int, ...]
     augment: str | None  # None or "cifar"
@@ -100,6 +133,107 @@ class Dataset:
             input_shape=self.input_shape,
             augment=self.augment,
         )
+
+
+class _Collate:
+    """Stack ``(x, y)`` items into a batch: x in the split's dtype, y int64 (picklable, so
+    DataLoader workers can use it)."""
+
+    def __init__(self, x_dtype: torch.dtype) -> None:
+        self.x_dtype = x_dtype
+
+    def __call__(self, items: list[Any]) -> tuple[Tensor, Tensor]:
+        xs = torch.stack([torch.as_tensor(item[0]) for item in items]).to(self.x_dtype)
+        ys = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
+        return xs, ys
+
+
+class StreamedSplit:
+    """A split read batch by batch from a ``torch.utils.data.Dataset`` through a DataLoader.
+
+    Stands in for :class:`Split` where the trainer uses one: ``len(split)``, ``len(split.y)``,
+    ``split.x[:k]`` (the first k inputs, loaded, on the split's device), ``split.to(device)``
+    (batches are moved there as they are read) and :func:`iterate_batches`.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sample_shape: tuple[int, ...],
+        x_dtype: torch.dtype,
+        *,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.sample_shape = tuple(sample_shape)
+        self.x_dtype = x_dtype
+        self.device = torch.device(device)
+        self.num_workers = int(num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def x(self) -> _StreamedColumn:
+        return _StreamedColumn(self, 0)
+
+    @property
+    def y(self) -> _StreamedColumn:
+        return _StreamedColumn(self, 1)
+
+    def to(self, device: torch.device | str) -> StreamedSplit:
+        """Return a copy whose batches are moved to ``device``."""
+        return StreamedSplit(
+            self.dataset, self.sample_shape, self.x_dtype, device=device,
+            num_workers=self.num_workers,
+        )
+
+    def loader(self, batches: list[list[int]]) -> Any:
+        """A DataLoader yielding the given index batches, in order, on the CPU."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+            collate_fn=_Collate(self.x_dtype), pin_memory=self.device.type == "cuda",
+        )
+
+    def take(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """The samples at ``indices`` as one batch on the split's device."""
+        if not indices:
+            x = torch.zeros((0, *self.sample_shape), dtype=self.x_dtype)
+            return x.to(self.device), torch.zeros(0, dtype=torch.int64, device=self.device)
+        xb, yb = _Collate(self.x_dtype)([self.dataset[i] for i in indices])
+        return xb.to(self.device), yb.to(self.device)
+
+
+class _StreamedColumn:
+    """``split.x`` / ``split.y`` of a :class:`StreamedSplit`: length, shape, and slicing that
+    loads the selected samples."""
+
+    def __init__(self, split: StreamedSplit, column: int) -> None:
+        self.split, self.column = split, column
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n = len(self.split)
+        return (n, *self.split.sample_shape) if self.column == 0 else (n,)
+
+    @property
+    def device(self) -> torch.device:
+        return self.split.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.split.x_dtype if self.column == 0 else torch.int64
+
+    def __getitem__(self, index: slice) -> Tensor:
+        if not isinstance(index, slice):
+            raise TypeError("a streamed split's x / y can only be sliced (x[a:b])")
+        return self.split.take(list(range(len(self.split))[index]))[self.column]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +393,329 @@ def available_datasets() -> list[str]:
     return list(_DATASETS)
 
 
+# --------------------------------------------------------------------------------------------
+# User data sets: data.name = 'package.module:function'
+# --------------------------------------------------------------------------------------------
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_USER_KEYS = ("train", "val", "test", "num_classes", "stream", "num_workers")
+_CHECK_ITEMS = 8  # Dataset items inspected per split (the first ones and the last)
+
+
+@dataclass(frozen=True)
+class BuiltinInfo:
+    """What a built-in data set looks like, known without loading it."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    n_train: int  # training samples after num_samples and the validation split
+
+
+def builtin_info(
+    name: str, *, num_samples: int | None = None, val_fraction: float = 0.1
+) -> BuiltinInfo:
+    """Shape, classes and training-set size of a built-in data set, without loading it (as
+    :func:`load_dataset` would produce them)."""
+    if name == "mnist1d":
+        shape, classes, n = (1, 40), 10, int((5000 if num_samples is None else num_samples) * 0.8)
+    elif name == "digits":
+        shape, classes, n = (1, 8, 8), 10, 1797 - round(0.2 * 1797)
+    elif name in ("cifar10", "cifar100"):
+        shape, classes, n = (3, 32, 32), (10 if name == "cifar10" else 100), 50_000
+    elif name == "fake":
+        shape, classes, n = (3, 32, 32), 10, 256 if num_samples is None else int(num_samples)
+    else:
+        raise ValueError(f"data.name={name!r}: not a built-in data set")
+    if name in ("digits", "cifar10", "cifar100") and num_samples is not None:
+        n = min(n, int(num_samples))
+    return BuiltinInfo(shape, classes, n - round(float(val_fraction) * n))
+
+
+def is_user_data(name: str) -> bool:
+    """Whether ``name`` names a user data function (``package.module:function``)."""
+    return isinstance(name, str) and ":" in name
+
+
+def _user_error(name: str, what: str) -> Exception:
+    from granet.config import ConfigError
+
+    return ConfigError(f"data.name={name!r}: {what}")
+
+
+def _resolve_data_fn(name: str) -> Any:
+    if not _IMPORT_PATH.match(name):
+        raise _user_error(name, "malformed import path; must be 'package.module:function'")
+    module_name, attr = name.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _user_error(name, f"cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise _user_error(name, f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise _user_error(name, f"{attr!r} in module {module_name!r} is not callable")
+    return fn
+
+
+def validate_data_name(name: str) -> None:
+    """Check ``data.name`` without loading: a built-in name, or an importable user function.
+
+    Raises ValueError (ConfigError for user functions) naming the value and what is allowed.
+    """
+    if name in _DATASETS:
+        return
+    if is_user_data(name):
+        _resolve_data_fn(name)
+        return
+    raise ValueError(
+        f"data.name={name!r}: must be one of {', '.join(_DATASETS)}, or a user data function "
+        f"'package.module:function'"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _x_dtype(name: str, where: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_floating_point:
+        return torch.float32
+    if dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        return torch.int64
+    raise _user_error(
+        name, f"{where} has dtype {dtype}; must be floating (inputs) or integer (token ids)"
+    )
+
+
+def _label(name: str, where: str, y: Any) -> int:
+    if isinstance(y, Tensor):
+        if y.numel() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or (
+            y.dtype == torch.bool
+        ):
+            raise _user_error(
+                name, f"{where} label is a {y.dtype} tensor of shape {tuple(y.shape)}; "
+                f"must be one integer class label"
+            )
+        return int(y)
+    if isinstance(y, (bool, np.bool_)) or not isinstance(y, (int, np.integer)):
+        raise _user_error(
+            name, f"{where} label is {type(y).__name__} {y!r}; must be an integer class label"
+        )
+    return int(y)
+
+
+def _tensor_split(name: str, key: str, pair: Any) -> Split:
+    try:
+        x, y = (torch.as_tensor(v) for v in pair)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise _user_error(
+            name, f"split {key!r}: x and y must be tensors or numpy arrays ({_first_line(exc)})"
+        ) from exc
+    if x.dim() < 1 or y.dim() != 1:
+        raise _user_error(
+            name, f"split {key!r}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; must be "
+            f"x (N, ...) and y (N,)"
+        )
+    if len(x) != len(y):
+        raise _user_error(name, f"split {key!r}: x has {len(x)} samples but y has {len(y)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise _user_error(name, f"split {key!r}: y has dtype {y.dtype}; must be integer labels")
+    x = x.to(_x_dtype(name, f"split {key!r}: x", x.dtype))
+    return Split(x.contiguous(), y.to(torch.int64).contiguous())
+
+
+def _dataset_split(
+    name: str, key: str, ds: Any, stream: bool | None, num_workers: int
+) -> Split | StreamedSplit:
+    n = len(ds)
+    picks = sorted({*range(min(n, _CHECK_ITEMS)), n - 1}) if n else []
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    labels = []
+    for i in picks:
+        try:
+            item = ds[i]
+        except Exception as exc:
+            raise _user_error(
+                name, f"split {key!r}: item {i} raised {_first_line(exc)}"
+            ) from exc
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise _user_error(
+                name, f"split {key!r}: item {i} is {type(item).__name__}; must be an (x, y) pair"
+            )
+        x = torch.as_tensor(item[0])
+        where = f"split {key!r}: item {i}"
+        if shape is None:
+            shape, dtype = tuple(x.shape), _x_dtype(name, f"{where} x", x.dtype)
+        elif tuple(x.shape) != shape:
+            raise _user_error(
+                name, f"{where} x has shape {tuple(x.shape)}, item {picks[0]} {shape}; "
+                f"every sample must have one shape"
+            )
+        labels.append(_label(name, where, item[1]))
+    if shape is None:  # empty split
+        return StreamedSplit(ds, (), torch.float32, num_workers=num_workers)
+    assert dtype is not None
+    bytes_per = math.prod(shape) * (4 if dtype == torch.float32 else 8)
+    if stream or (stream is None and bytes_per * n > IN_MEMORY_MAX_BYTES):
+        split = StreamedSplit(ds, shape, dtype, num_workers=num_workers)
+        split.checked_labels = labels  # type: ignore[attr-defined]
+        return split
+    streamed = StreamedSplit(ds, shape, dtype, num_workers=num_workers)
+    xs, ys = [], []
+    batch = 512
+    try:
+        for xb, yb in streamed.loader(
+            [list(range(a, min(a + batch, n))) for a in range(0, n, batch)]
+        ):
+            xs.append(xb)
+            ys.append(yb)
+    except Exception as exc:
+        raise _user_error(
+            name, f"split {key!r}: reading the Dataset failed ({_first_line(exc)}); every item "
+            f"must be an (x, y) pair with x of shape {shape} and an integer y"
+        ) from exc
+    return Split(torch.cat(xs), torch.cat(ys))
+
+
+def _user_split(
+    name: str, key: str, obj: Any, stream: bool | None, num_workers: int
+) -> Split | StreamedSplit:
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return _tensor_split(name, key, obj)
+    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        return _dataset_split(name, key, obj, stream, num_workers)
+    raise _user_error(
+        name, f"split {key!r} is {type(obj).__name__}; must be an (x, y) pair of tensors or "
+        f"arrays, or a torch.utils.data.Dataset of (x, y) items"
+    )
+
+
+def _sample_shape(split: Split | StreamedSplit) -> tuple[int, ...]:
+    return split.sample_shape if isinstance(split, StreamedSplit) else tuple(split.x.shape[1:])
+
+
+def _x_kind(split: Split | StreamedSplit) -> torch.dtype:
+    return split.x_dtype if isinstance(split, StreamedSplit) else split.x.dtype
+
+
+def _select(split: Split | StreamedSplit, idx: Tensor) -> Split | StreamedSplit:
+    if isinstance(split, StreamedSplit):
+        from torch.utils.data import Subset
+
+        return StreamedSplit(
+            Subset(split.dataset, idx.tolist()), split.sample_shape, split.x_dtype,
+            num_workers=split.num_workers,
+        )
+    return Split(split.x[idx], split.y[idx])
+
+
+def _load_user(
+    name: str, *, data_dir: str, val_fraction: float, seed: int, num_samples: int | None
+) -> Dataset:
+    fn = _resolve_data_fn(name)
+    try:
+        params = inspect.signature(fn).parameters
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepts = {k for k in ("data_dir", "num_samples") if var_kw or k in params}
+    except (TypeError, ValueError):
+        accepts = set()
+    kw: dict[str, Any] = {}
+    if "data_dir" in accepts:
+        kw["data_dir"] = data_dir
+    if "num_samples" in accepts and num_samples is not None:
+        kw["num_samples"] = int(num_samples)
+    try:
+        out = fn(**kw)
+    except Exception as exc:
+        raise _user_error(name, f"the data function raised {_first_line(exc)}") from exc
+    if not isinstance(out, Mapping):
+        raise _user_error(
+            name, f"the data function returned {type(out).__name__}; must return a dict with "
+            f"'train' and 'test' (optional: {', '.join(_USER_KEYS[2:])}, 'val')"
+        )
+    unknown = sorted(set(out) - set(_USER_KEYS))
+    missing = [k for k in ("train", "test") if k not in out]
+    if unknown or missing:
+        what = f"unknown keys {unknown}" if unknown else f"missing {missing}"
+        raise _user_error(
+            name, f"the returned dict has {what}; allowed keys: {', '.join(_USER_KEYS)}"
+        )
+    stream = out.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _user_error(name, f"'stream'={stream!r}: must be true, false or None")
+    num_workers = out.get("num_workers", 0)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise _user_error(name, f"'num_workers'={num_workers!r}: must be an integer >= 0")
+    splits = {
+        k: _user_split(name, k, out[k], stream, num_workers)
+        for k in ("train", "val", "test") if k in out
+    }
+    for k in ("train", "test"):
+        if len(splits[k]) == 0:
+            raise _user_error(name, f"split {k!r} is empty; must hold at least one sample")
+    nonempty = {k: v for k, v in splits.items() if len(v)}
+    shapes = {k: _sample_shape(v) for k, v in nonempty.items()}
+    kinds = {k: _x_kind(v) for k, v in nonempty.items()}
+    if len(set(shapes.values())) > 1 or len(set(kinds.values())) > 1:
+        desc = ", ".join(f"{k}: {shapes[k]} {kinds[k]}" for k in nonempty)
+        raise _user_error(name, f"splits differ in sample shape or dtype ({desc}); must agree")
+
+    labels: dict[str, list[int] | Tensor] = {}
+    for k, v in nonempty.items():
+        labels[k] = getattr(v, "checked_labels", []) if isinstance(v, StreamedSplit) else v.y
+    num_classes = out.get("num_classes")
+    if num_classes is None:
+        if any(isinstance(v, StreamedSplit) for v in nonempty.values()):
+            raise _user_error(
+                name, "a split is streamed; the returned dict must give 'num_classes'"
+            )
+        num_classes = 1 + max(int(torch.as_tensor(y).max()) for y in labels.values())
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise _user_error(name, f"'num_classes'={num_classes!r}: must be an integer >= 2")
+    for k, y in labels.items():
+        y = torch.as_tensor(y, dtype=torch.int64)
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise _user_error(
+                name, f"split {k!r} has labels in [{int(y.min())}, {int(y.max())}]; must lie in "
+                f"[0, num_classes={num_classes})"
+            )
+
+    train = splits["train"]
+    if num_samples is not None and "num_samples" not in kw and num_samples < len(train):
+        g = torch.Generator().manual_seed(SUBSET_SEED)
+        keep = torch.randperm(len(train), generator=g)[: int(num_samples)].sort().values
+        train = _select(train, keep)
+    if "val" in splits:
+        val = splits["val"]
+    else:
+        n = len(train)
+        n_val = round(float(val_fraction) * n)
+        if n_val >= n:
+            raise ValueError(
+                f"data.val_fraction={val_fraction!r}: leaves no training samples out of {n}"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        val = _select(train, perm[:n_val].sort().values)
+        train = _select(train, perm[n_val:].sort().values)
+    if isinstance(val, StreamedSplit) and not val.sample_shape:  # an empty user Dataset
+        val = Split(
+            torch.zeros((0, *shapes["train"]), dtype=kinds["train"]),
+            torch.zeros(0, dtype=torch.int64),
+        )
+    return Dataset(
+        name=name,
+        train=train,
+        val=val,
+        test=splits["test"],
+        num_classes=int(num_classes),
+        input_shape=shapes["train"],
+        augment=None,
+    )
+
+
 def load_dataset(
     name: str,
     *,
@@ -269,7 +726,14 @@ def load_dataset(
     num_samples: int | None = None,
     augment: bool = True,
 ) -> Dataset:
-    """Load data set ``name`` into memory and carve a seeded validation split from train."""
+    """Load data set ``name`` (built-in, or a user function ``package.module:function``) and carve
+    a seeded validation split from train (unless a user function returns one)."""
+    if is_user_data(name):
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
+        return _load_user(
+            name, data_dir=data_dir, val_fraction=val_fraction, seed=seed, num_samples=num_samples
+        )
     key = name.lower() if isinstance(name, str) else name
     if key not in _DATASETS:
         raise ValueError(f"data.name={name!r}: unknown data set; allowed: {', '.join(_DATASETS)}")
@@ -347,7 +811,7 @@ def augment_cifar(x: Tensor, generator: torch.Generator | None = None, pad: int 
 
 
 def iterate_batches(
-    split: Split,
+    split: Split | StreamedSplit,
     batch_size: int,
     *,
     shuffle: bool,
@@ -360,11 +824,16 @@ def iterate_batches(
     With ``shuffle`` the order is ``torch.randperm`` drawn from ``generator`` (on its device,
     CPU by default, then moved to the data's device); ``augment="cifar"`` applies
     :func:`augment_cifar` with the same generator. Deterministic given the generator state.
+    A :class:`StreamedSplit` is read through a DataLoader in the very same order (the same
+    permutation, drawn the same way), batches moved to the split's device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     if augment is not None and augment not in AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}: allowed: None, {', '.join(AUGMENTATIONS)}")
+    if isinstance(split, StreamedSplit):
+        yield from _iterate_streamed(split, batch_size, shuffle, generator, augment, drop_last)
+        return
     n = len(split)
     device = split.x.device
     perm: Tensor | None = None
@@ -378,6 +847,31 @@ def iterate_batches(
         else:
             idx = perm[start:end]
             xb, yb = split.x[idx], split.y[idx]
+        if augment == "cifar":
+            xb = augment_cifar(xb, generator)
+        yield xb, yb
+
+
+def _iterate_streamed(
+    split: StreamedSplit,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    augment: str | None,
+    drop_last: bool,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    n = len(split)
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device=_gen_device(generator)).cpu()
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    batches = [order[a : min(a + batch_size, n)].tolist() for a in range(0, stop, batch_size)]
+    if not batches:
+        return
+    for xb, yb in split.loader(batches):
+        xb = xb.to(split.device, non_blocking=True)
+        yb = yb.to(split.device, non_blocking=True)
         if augment == "cifar":
             xb = augment_cifar(xb, generator)
         yield xb, yb

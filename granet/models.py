@@ -3,7 +3,7 @@
 ``build_model(name, num_classes=..., input_shape=...)`` accepts
 
 * a registry name (:func:`available_models`): ``mlp``, ``cnn1d``, ``cnn_digits``, ``resnet20``,
-  ``resnet32``, ``resnet56``, ``vgg11``, ``vgg16``, ``vgg19``;
+  ``resnet32``, ``resnet56``, ``vgg11``, ``vgg16``, ``vgg19``, ``transformer1d``;
 * ``torchvision:<name>``: any torchvision classification model, built without weights;
 * ``package.module:function``: a user builder called as
   ``fn(num_classes=..., input_shape=..., **kwargs)`` (each of the first two only if the signature
@@ -12,7 +12,9 @@
   anything is called. Naming a builder runs code, as Hydra's ``_target_`` does: importing the
   module runs its top level, and the builder runs with the config's kwargs.
 
-Every nonlinearity is an ``nn.ReLU`` *module*, one per use, so forward hooks can count dead units.
+Every nonlinearity of the CNNs and the MLP is an ``nn.ReLU`` *module*, one per use, so forward
+hooks can count dead units (``transformer1d`` uses GELU inside ``nn.TransformerEncoder``: its
+dead-ReLU share is not measured).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "CNN1d",
     "CNNDigits",
     "CifarResNet",
+    "Transformer1d",
     "available_models",
     "build_model",
     "validate_model_name",
@@ -232,6 +235,54 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
+class Transformer1d(nn.Module):
+    """A small transformer classifier for (C, L) sequences such as MNIST-1D's (1, 40).
+
+    The signal is cut into ``patch``-step patches (zero-padded at the end), each embedded by a
+    Linear, plus a learned position embedding; then a pre-norm ``nn.TransformerEncoder`` (so
+    ``nn.MultiheadAttention``: its ``in_proj_weight`` and ``out_proj`` are masked like any
+    Linear), a final LayerNorm, mean pooling over patches and a Linear head.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        length: int,
+        num_classes: int,
+        *,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        patch: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"model.kwargs: dim={dim} must be a multiple of heads={heads}")
+        self.patch = int(patch)
+        self.n_patches = math.ceil(length / self.patch)
+        self.pad = self.n_patches * self.patch - length
+        self.embed = nn.Linear(in_channels * self.patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, self.n_patches, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, max(1, round(dim * mlp_ratio)), dropout, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = nn.functional.pad(x, (0, self.pad))
+        b, c, _ = x.shape
+        tokens = x.reshape(b, c, self.n_patches, self.patch).permute(0, 2, 1, 3).flatten(2)
+        h = self.encoder(self.embed(tokens) + self.pos)
+        return self.head(self.norm(h).mean(1))
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
@@ -289,6 +340,16 @@ def _vgg(depth: int) -> Builder:
     return build
 
 
+def _transformer1d(num_classes: int, input_shape: tuple[int, ...], kw: dict[str, Any]) -> nn.Module:
+    _need_dims("transformer1d", input_shape, 2)
+    allowed = ("dim", "depth", "heads", "patch", "mlp_ratio", "dropout")
+    extra = {k: v for k, v in kw.items() if k not in allowed}
+    _no_extra("transformer1d", extra)
+    ints = {k: int(kw[k]) for k in ("dim", "depth", "heads", "patch") if k in kw}
+    floats = {k: float(kw[k]) for k in ("mlp_ratio", "dropout") if k in kw}
+    return Transformer1d(input_shape[0], input_shape[1], num_classes, **ints, **floats)
+
+
 def _no_extra(name: str, kw: dict[str, Any]) -> None:
     if kw:
         raise _KwargError(f"model.kwargs={kw!r}: not accepted by model.name='{name}'")
@@ -304,6 +365,7 @@ _REGISTRY: dict[str, Builder] = {
     "vgg11": _vgg(11),
     "vgg16": _vgg(16),
     "vgg19": _vgg(19),
+    "transformer1d": _transformer1d,
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")

@@ -189,7 +189,7 @@ class Trainer:
             epochs=cfg.run.epochs,
             seed=cfg.run.seed,
             batch_size=cfg.data.batch_size,
-            input_shape=tuple(data.input_shape),
+            example_input=self.data.train.x[:2],  # real samples: FLOPs of any input kind
         )
         self.epoch = 0  # epochs completed
         # "running" until fit() returns ("done") or raises Diverged ("diverged").

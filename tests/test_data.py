@@ -10,10 +10,13 @@ import torch
 
 from granet.data import (
     Split,
+    StreamedSplit,
     augment_cifar,
     available_datasets,
+    builtin_info,
     iterate_batches,
     load_dataset,
+    validate_data_name,
 )
 
 
@@ -213,3 +216,113 @@ def test_download_into_a_data_dir_under_a_file(tmp_path) -> None:
         f"data.data_dir='{tmp_path / 'f' / 'd'}': '{tmp_path / 'f'}' is a file, not a "
         f"directory; point data.data_dir at a directory"
     )
+
+
+# ------------------------------------------------------------------------- user data sets
+
+USER = "tests.fixtures.user_data"
+
+
+def test_builtin_info_matches_loading() -> None:
+    for name, kw in [("mnist1d", {}), ("mnist1d", {"num_samples": 1000}), ("digits", {}),
+                     ("digits", {"num_samples": 500}), ("fake", {"num_samples": 40})]:
+        d = load_dataset(name, val_fraction=0.2, **kw)
+        info = builtin_info(name, val_fraction=0.2, **kw)
+        assert (info.input_shape, info.num_classes, info.n_train) == (
+            d.input_shape, d.num_classes, len(d.train)
+        ), (name, kw)
+
+
+def test_user_tensors_numpy_and_carved_val() -> None:
+    d = load_dataset(f"{USER}:signals", val_fraction=0.25, seed=3)
+    assert d.name == f"{USER}:signals" and d.input_shape == (1, 16) and d.num_classes == 3
+    assert (len(d.train), len(d.val), len(d.test)) == (300, 100, 100)
+    assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
+    from tests.fixtures.user_data import _signals
+
+    x, y = _signals(400, 0)  # the val rows are the seeded permutation's first 100, sorted
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(3))
+    val_idx = perm[:100].sort().values
+    assert torch.equal(d.val.x, torch.as_tensor(x, dtype=torch.float32)[val_idx])
+    assert torch.equal(d.val.y, torch.as_tensor(y)[val_idx])
+    # num_samples: a seeded subset when the function does not take it, passed when it does.
+    assert len(load_dataset(f"{USER}:signals", val_fraction=0.0, num_samples=50).train) == 50
+    tok = load_dataset(f"{USER}:tokens", num_samples=120)
+    assert (len(tok.train), len(tok.val)) == (120, 100)  # a given val split is kept as is
+    assert tok.train.x.dtype == torch.int64 and tok.input_shape == (8,)
+
+
+def test_user_dataset_in_memory_equals_tensors_and_streamed_order_is_identical() -> None:
+    tensors = load_dataset(f"{USER}:signals", val_fraction=0.1)
+    memory = load_dataset(f"{USER}:signals_dataset", val_fraction=0.1)
+    streamed = load_dataset(f"{USER}:signals_streamed", val_fraction=0.1)
+    assert isinstance(memory.train, Split) and isinstance(streamed.train, StreamedSplit)
+    assert torch.equal(memory.train.x, tensors.train.x) and torch.equal(memory.val.y,
+                                                                         tensors.val.y)
+    assert len(streamed.train.y) == len(tensors.train) == 360
+    assert streamed.train.x.shape == (360, 1, 16)
+    assert torch.equal(streamed.train.x[:5], tensors.train.x[:5])
+    s = streamed.to("cpu")
+    for shuffle in (True, False):
+        a = list(iterate_batches(tensors.train, 64, shuffle=shuffle, drop_last=True,
+                                 generator=torch.Generator().manual_seed(7)))
+        b = list(iterate_batches(s.train, 64, shuffle=shuffle, drop_last=True,
+                                 generator=torch.Generator().manual_seed(7)))
+        assert len(a) == len(b) == 5
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_streamed_and_in_memory_runs_train_identically() -> None:
+    from granet.config import load_config
+    from granet.trainer import Trainer
+
+    def run(name: str) -> list[float]:
+        cfg = load_config(None, [
+            f"data.name={USER}:{name}", "data.batch_size=60", "model.name=mlp",
+            "model.kwargs={hidden: [16]}", "sparsity.method=rigl", "sparsity.update_interval=3",
+            "run.epochs=2", "optim.milestones=[1]", "run.device=cpu",
+        ])
+        tr = Trainer(cfg, write=False)
+        tr.fit(resume=False)
+        return [h[k] for h in tr.history for k in ("train_loss", "val_acc", "test_acc")]
+
+    assert run("signals_streamed") == run("signals")
+
+
+@pytest.mark.parametrize(
+    ("fn", "needle"),
+    [
+        ("raises", "the data function raised RuntimeError: cannot reach the data server"),
+        ("not_a_dict", "returned list; must return a dict with 'train' and 'test'"),
+        ("missing_test", "missing ['test']"),
+        ("wrong_lengths", "split 'train': x has 10 samples but y has 9"),
+        ("float_labels", "split 'train': y has dtype torch.float32; must be integer labels"),
+        ("labels_out_of_range", "split 'test' has labels in [5, 7]; must lie in [0, "
+                                "num_classes=3)"),
+        ("shape_mismatch", "splits differ in sample shape or dtype (train: (1, 16)"),
+        ("bad_items", "split 'train': item 0 is Tensor; must be an (x, y) pair"),
+        ("streamed_without_classes", "the returned dict must give 'num_classes'"),
+        ("NOPE", "has no attribute 'NOPE'"),
+    ],
+)
+def test_user_data_validation_names_data_name(fn, needle) -> None:
+    from granet.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_dataset(f"{USER}:{fn}")
+    assert str(info.value).startswith(f"data.name='{USER}:{fn}': ") and needle in str(info.value)
+
+
+def test_data_name_validated_in_config() -> None:
+    from granet.config import ConfigError, load_config
+
+    assert load_config(None, [f"data.name={USER}:signals"]).data.name == f"{USER}:signals"
+    validate_data_name("mnist1d")
+    for bad, needle in [("imagenet", "must be one of mnist1d, digits, cifar10, cifar100, fake, "
+                                     "or a user data function 'package.module:function'"),
+                        ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
+                        ("bad path:fn", "malformed import path")]:
+        with pytest.raises(ConfigError, match="data.name=") as info:
+            load_config(None, [f"data.name={bad}"])
+        assert needle in str(info.value)

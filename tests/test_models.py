@@ -18,6 +18,7 @@ SHAPES = {
     "vgg11": (3, 32, 32),
     "vgg16": (3, 32, 32),
     "vgg19": (3, 32, 32),
+    "transformer1d": (1, 40),
 }
 
 
@@ -187,3 +188,23 @@ def test_user_builders_must_be_model_code(tmp_path, monkeypatch) -> None:
         "/x (model.kwargs={'path': '/x'})"
     )
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_transformer1d_structure_and_kwargs() -> None:
+    model = build_model("transformer1d", num_classes=10, input_shape=(1, 40))
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attn) == 2 and attn[0].in_proj_weight.shape == (192, 64)
+    assert model.n_patches == 10 and model.pad == 0
+    odd = build_model(
+        "transformer1d", num_classes=3, input_shape=(2, 21),
+        kwargs={"dim": 16, "depth": 1, "heads": 2, "patch": 5, "mlp_ratio": 1.0},
+    )
+    assert (odd.n_patches, odd.pad) == (5, 4) and odd.embed.in_features == 10
+    assert odd(torch.randn(4, 2, 21)).shape == (4, 3)
+    # embed 10*16+16, pos 5*16, in_proj 48*16+48, out_proj 16*16+16, ff 2*(16*16+16),
+    # 2 LayerNorms in the layer + 1 final (32 each), head 16*3+3
+    assert n_params(odd) == 176 + 80 + 816 + 272 + 544 + 96 + 51
+    with pytest.raises(ValueError, match=r"model\.kwargs=\{'width': 2\}"):
+        build_model("transformer1d", num_classes=3, input_shape=(1, 40), kwargs={"width": 2})
+    with pytest.raises(ValueError, match="dim=10 must be a multiple of heads=4"):
+        build_model("transformer1d", num_classes=3, input_shape=(1, 40), kwargs={"dim": 10})

@@ -18,6 +18,7 @@ regeneration scores use the dense gradient of the current minibatch, already in 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 
 from granet.config import SparsityConfig
+from granet.sparse.flops import count_forward_flops
 from granet.sparse.grow import growth_scores
 from granet.sparse.init import layer_densities, random_mask
 from granet.sparse.methods import preset_for
-from granet.sparse.metrics import PRUNABLE, layer_forward_flops
 from granet.sparse.prune import (
     _active_scores,
     count_true,
@@ -38,8 +39,16 @@ from granet.sparse.prune import (
     topk_mask,
 )
 from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
+from granet.sparse.select import classify_parameters
 
-__all__ = ["SparseEngine", "MaskedLayer", "NonFiniteError", "prunable_layers"]
+__all__ = [
+    "SparseEngine",
+    "MaskedLayer",
+    "NonFiniteError",
+    "LayerCollapseWarning",
+    "UnmaskedWeightWarning",
+    "prunable_layers",
+]
 
 
 class NonFiniteError(RuntimeError):
@@ -55,55 +64,57 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class MaskedLayer:
+    """A masked weight: ``name`` is the layer name (the parameter name without a trailing
+    ``.weight``), ``param_name`` the full parameter name, ``module`` the module owning it."""
+
     name: str
     module: nn.Module
     param: nn.Parameter
+    param_name: str = ""
 
 
 def prunable_layers(
-    model: nn.Module, dense_layers: list[str] | tuple[str, ...] = ()
+    model: nn.Module,
+    dense_layers: list[str] | tuple[str, ...] = (),
+    *,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
 ) -> list[MaskedLayer]:
-    """Every Conv1d/2d/3d and Linear weight of ``model`` except the ones named in ``dense_layers``.
+    """The weights the engine masks, by the rule of :mod:`granet.sparse.select`.
 
-    ``dense_layers`` holds exact module names or the keywords ``first`` / ``last`` (the first and
-    last prunable module in ``named_modules`` order); anything else is an error, never a substring
-    match.
+    By default every matmul/conv weight (Conv*/ConvTranspose*, Linear, Bilinear, attention
+    ``in_proj_weight``, recurrent ``weight_ih``/``weight_hh``); ``include`` / ``exclude`` add or
+    remove parameters by name pattern; ``dense_layers`` holds exact layer (or parameter) names or
+    the keywords ``first`` / ``last`` (the first and last prunable weight in
+    ``named_parameters`` order), never a substring match. A tied parameter is one layer.
+    Raises :class:`~granet.config.ConfigError` (a ``ValueError``) on a bad entry.
     """
-    found = [
-        MaskedLayer(name, mod, mod.weight)
-        for name, mod in model.named_modules()
-        if isinstance(mod, PRUNABLE) and isinstance(getattr(mod, "weight", None), nn.Parameter)
+    infos = classify_parameters(
+        model, include=include, exclude=exclude, dense_layers=dense_layers
+    )
+    return [
+        MaskedLayer(info.layer_name, info.module, info.param, info.name)
+        for info in infos
+        if info.prunable
     ]
-    if not found:
-        raise ValueError("model has no Conv1d/Conv2d/Conv3d/Linear layer to sparsify")
-    names = [f.name for f in found]
-    excluded: set[str] = set()
-    for entry in dense_layers:
-        if entry == "first":
-            excluded.add(names[0])
-        elif entry == "last":
-            excluded.add(names[-1])
-        elif entry in names:
-            excluded.add(entry)
-        else:
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(
-                f"sparsity.dense_layers: {entry!r} is not a Conv/Linear module of the model; "
-                f"allowed: first, last, or an exact name ({shown})"
-            )
-    kept = [f for f in found if f.name not in excluded]
-    if not kept:
-        raise ValueError(
-            "sparsity.dense_layers: excludes every prunable layer; nothing to sparsify"
-        )
-    return kept
+
+
+class LayerCollapseWarning(UserWarning):
+    """A masked layer fell to (or below) ``sparsity.collapse_density``."""
+
+
+class UnmaskedWeightWarning(UserWarning):
+    """A parameter is a matmul/conv operand, but no rule masks it and the config does not
+    exclude it (a custom module multiplying by a raw ``nn.Parameter``)."""
 
 
 class SparseEngine:
     """Masks for every prunable weight, applied after each optimizer step, plus GraNet's updates.
 
     Args:
-        model: any ``nn.Module``; Conv/Linear weights are discovered by module type.
+        model: any ``nn.Module``; the weights to mask follow the rule of
+            :mod:`granet.sparse.select` (every matmul/conv weight, ``cfg.include`` /
+            ``cfg.exclude`` / ``cfg.dense_layers`` applied).
         optimizer: the optimizer updating ``model``; its same-shaped state (SGD momentum, Adam
             moments) is masked together with the weights.
         cfg: the method and its knobs (:class:`granet.config.SparsityConfig`).
@@ -111,7 +122,12 @@ class SparseEngine:
         epochs: length of the run in epochs (T = epochs * steps_per_epoch for r_t's decay).
         seed: seeds the engine's own generator (initial masks, random growth).
         batch_size: samples per step, for the training-FLOPs count.
-        input_shape: per-sample input shape; enables the FLOPs metrics.
+        input_shape: per-sample input shape; enables the FLOPs metrics, counted on one
+            all-zeros float sample (fine for float-input models; token models need
+            ``example_input``).
+        example_input: a real batch (a tensor, or a tuple of the model's positional inputs) on
+            the model's device; enables the FLOPs metrics, counted on it at the dispatcher
+            (:mod:`granet.sparse.flops`). Takes precedence over ``input_shape``.
     """
 
     def __init__(
@@ -125,13 +141,22 @@ class SparseEngine:
         seed: int = 0,
         batch_size: int = 1,
         input_shape: tuple[int, ...] | None = None,
+        example_input: Any = None,
     ) -> None:
         self.cfg = cfg = cfg if cfg is not None else SparsityConfig()
         self.model = model
         self.optimizer = optimizer
         self.preset = preset_for(cfg.method)
         self.growth = cfg.growth or self.preset.default_growth or "gradient"
-        self.layers = prunable_layers(model, cfg.dense_layers)
+        # Every parameter with the rule's decision (``granet layers`` prints them).
+        self.param_infos = classify_parameters(
+            model, include=cfg.include, exclude=cfg.exclude, dense_layers=cfg.dense_layers
+        )
+        self.layers = [
+            MaskedLayer(info.layer_name, info.module, info.param, info.name)
+            for info in self.param_infos
+            if info.prunable
+        ]
         self.sizes = [layer.param.numel() for layer in self.layers]
         self.total = sum(self.sizes)
         self.steps_per_epoch = int(steps_per_epoch)
@@ -144,6 +169,7 @@ class SparseEngine:
         self.regrown_total = 0
         self.last_event: dict[str, Any] = {}
         self._finite_checked = False  # True while an event runs (checked once at its start)
+        self._collapse_warned: set[str] = set()
 
         start = round(cfg.prune_start_epoch * self.steps_per_epoch)
         if self.preset.gradual_prune:
@@ -191,10 +217,14 @@ class SparseEngine:
         self.grad_momentum: list[torch.Tensor] | None = None
         if self.growth == "momentum":
             self.grad_momentum = [torch.zeros_like(p) for p in self.params]
-        self._dense_flops: list[int] | None = None
-        self._other_flops = 0
-        if input_shape is not None:
-            self._init_flops(tuple(input_shape))
+        self._dense_flops: list[float] | None = None
+        self._other_flops = 0.0
+        self.flop_count = None
+        if example_input is not None:
+            self._init_flops(example_input)
+        elif input_shape is not None:
+            p = self.layers[0].param
+            self._init_flops(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
         self.apply_masks()
 
     # ------------------------------------------------------------------ per step
@@ -488,15 +518,65 @@ class SparseEngine:
         self.nnz = [count_true(m) for m in self.masks]  # host sync only at events
         if self._dense_flops_ready():
             self._sparse_flops = self._compute_sparse_flops()
+        self._warn_collapsed()
+
+    def collapsed_layers(self) -> list[str]:
+        """Layers at or below ``sparsity.collapse_density`` (0: layers with no active weight)."""
+        limit = self.cfg.collapse_density
+        return [
+            layer.name
+            for layer, nnz, n in zip(self.layers, self.nnz, self.sizes, strict=True)
+            if nnz == 0 or nnz / n <= limit
+        ]
+
+    def _warn_collapsed(self) -> None:
+        # Once per layer per engine: a collapsed layer is reported when it first collapses
+        # (or on resume), not at every later event.
+        for name in self.collapsed_layers():
+            if name in self._collapse_warned:
+                continue
+            self._collapse_warned.add(name)
+            i = next(i for i, layer in enumerate(self.layers) if layer.name == name)
+            warnings.warn(
+                f"granet: layer {name!r} collapsed to density {self.nnz[i] / self.sizes[i]:.6f} "
+                f"({self.nnz[i]} of {self.sizes[i]} weights) at step {self.step_count}; "
+                f"set sparsity.min_layer_density (a per-layer floor for global pruning) or keep "
+                f"it dense with sparsity.dense_layers",
+                LayerCollapseWarning,
+                stacklevel=2,
+            )
 
     def _dense_flops_ready(self) -> bool:
         return getattr(self, "_dense_flops", None) is not None
 
-    def _init_flops(self, input_shape: tuple[int, ...]) -> None:
-        per_module = layer_forward_flops(self.model, input_shape)
-        names = {layer.name for layer in self.layers}
-        self._dense_flops = [per_module[layer.name] for layer in self.layers]
-        self._other_flops = sum(v for k, v in per_module.items() if k not in names)
+    def _init_flops(self, example_input: Any) -> None:
+        try:
+            count = count_forward_flops(self.model, example_input, prefer=self.params)
+        except Exception as exc:
+            shape = tuple(getattr(example_input, "shape", ()))
+            raise ValueError(
+                f"FLOPs count: the model failed on an input of shape {shape} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"pass example_input= a real batch of the data set"
+            ) from exc
+        self.flop_count = count
+        for info in self.param_infos:
+            if info.kind != "matmul" and not info.prunable and count.by_param.get(id(info.param)):
+                if "sparsity.exclude" in info.reason:
+                    continue
+                info.reason = "matmul/conv operand of an unknown layer type: not masked"
+                warnings.warn(
+                    f"granet: parameter {info.name!r} ({info.role}) is a matmul/conv operand but "
+                    f"no rule masks it; add it to sparsity.include to sparsify it, or to "
+                    f"sparsity.exclude to keep it dense knowingly",
+                    UnmaskedWeightWarning,
+                    stacklevel=3,
+                )
+        masked = {id(p) for p in self.params}
+        self._dense_flops = [count.by_param.get(id(p), 0.0) for p in self.params]
+        self._other_flops = count.unattributed + sum(
+            v for k, v in count.by_param.items() if k not in masked
+        )
         self._sparse_flops = self._compute_sparse_flops()
 
     def _compute_sparse_flops(self) -> float:
@@ -507,16 +587,16 @@ class SparseEngine:
 
     @property
     def dense_flops(self) -> float:
-        """Dense forward multiply-accumulates per sample (Conv/Linear)."""
+        """Dense forward multiply-accumulates per sample (every matmul/conv/attention op)."""
         if self._dense_flops is None:
-            raise RuntimeError("FLOPs need input_shape= at construction")
+            raise RuntimeError("FLOPs need example_input= (or input_shape=) at construction")
         return float(self._other_flops + sum(self._dense_flops))
 
     @property
     def inference_flops(self) -> float:
         """Forward multiply-accumulates per sample of the sparse model."""
         if self._dense_flops is None:
-            raise RuntimeError("FLOPs need input_shape= at construction")
+            raise RuntimeError("FLOPs need example_input= (or input_shape=) at construction")
         return float(self._sparse_flops)
 
     def density(self) -> float:
@@ -566,6 +646,7 @@ class SparseEngine:
             "units_without_input": self.units_without_input(),
             "pruned_total": float(self.pruned_total),
             "regrown_total": float(self.regrown_total),
+            "collapsed_layers": float(len(self.collapsed_layers())),
         }
         if self._dense_flops is not None:
             out["inference_flops"] = self.inference_flops
@@ -579,6 +660,7 @@ class SparseEngine:
         return {
             "method": self.cfg.method,
             "layer_names": [layer.name for layer in self.layers],
+            "param_names": [layer.param_name for layer in self.layers],
             "masks": [m.clone() for m in self.masks],
             "ever_active": [e.clone() for e in self.ever_active],
             "step": self.step_count,

@@ -11,7 +11,12 @@ __all__ = ["layer_densities", "random_mask"]
 
 
 def _raw_score(shape: Sequence[int], distribution: str) -> float:
-    if distribution == "erk":
+    """ERK: (sum of all dims) / (product of all dims) of the weight as stored, any rank: a
+    Linear [out, in], a conv [out, in/groups, *kernel], attention's stacked in_proj [3E, E], an
+    LSTM's gate-stacked weight_ih [4H, in], a Bilinear [out, in1, in2]. ER: the first two dims
+    only, (d0 + d1) / (d0 d1) (kernel dims and a Bilinear's second input left out); a 1-D weight
+    (only through sparsity.include) scores 1 under both."""
+    if distribution == "erk" or (distribution == "er" and len(shape) < 2):
         # Erdős–Rényi-Kernel: (sum of all dims) / (product of all dims), kernel dims included.
         return sum(shape) / math.prod(shape)
     if distribution == "er":

@@ -3,50 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from granet.sparse.flops import count_forward_flops
+from granet.sparse.select import layer_name
+
 __all__ = ["layer_forward_flops", "dead_relu_share"]
 
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # kept for callers; see sparse.select
 
 
-@torch.no_grad()
-def layer_forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Dense multiply-accumulates per sample of every Conv/Linear module, by module name.
+def layer_forward_flops(
+    model: nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    example_input: Any = None,
+) -> dict[str, float]:
+    """Dense multiply-accumulates per sample of every weight that is a matmul/conv operand,
+    by layer name (parameter name without ``.weight``; the module name for Conv/Linear).
 
-    Measured with forward hooks on one zero sample (so output sizes come from the real model);
-    BN, activations and pooling are not counted, as in the RigL/GraNet FLOPs accounting.
+    Counted at the dispatcher on ``example_input`` (a real batch), or on one all-zeros float
+    sample of ``input_shape`` (:func:`granet.sparse.flops.count_forward_flops`). BN, activations
+    and pooling are not counted, as in the RigL/GraNet FLOPs accounting; attention's QK^T / AV
+    have no weight and are left out here (the engine counts them as dense).
     """
-    flops: dict[str, int] = {}
-    hooks = []
-
-    def hook(name: str):
-        def fn(mod: nn.Module, inp, out) -> None:
-            w = mod.weight
-            if isinstance(mod, nn.Linear):
-                # Every leading dim except the batch multiplies the work (e.g. token positions).
-                positions = out.numel() // out.shape[0] // out.shape[-1]
-                flops[name] = int(w.numel() * positions)
-            else:
-                spatial = out[0, 0].numel()
-                flops[name] = int(w.numel() * spatial)
-        return fn
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, PRUNABLE):
-            hooks.append(mod.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
+    if example_input is None:
+        if input_shape is None:
+            raise ValueError("layer_forward_flops: needs input_shape or example_input")
         p = next(model.parameters())
-        model(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return flops
+        example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+    count = count_forward_flops(model, example_input)
+    names = {id(p): layer_name(n) for n, p in model.named_parameters()}
+    return {names[k]: v for k, v in count.by_param.items() if k in names}
 
 
 @torch.no_grad()

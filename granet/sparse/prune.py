@@ -157,8 +157,13 @@ def filter_prune(
     whose output units are the classes).
     """
     skip = list(skip) if skip is not None else [False] * len(weights)
-    l1 = [(w.detach().abs() * m).flatten(1).sum(1) for w, m in zip(weights, masks, strict=True)]
-    alive = [m.flatten(1).any(1) for m in masks]
+    # A 1-D weight (a bias or norm added by sparsity.include) has no filters: left untouched.
+    skip = [s or w.dim() < 2 for s, w in zip(skip, weights, strict=True)]
+    l1 = [
+        (w.detach().abs() * m).reshape(m.shape[0], -1).sum(1)
+        for w, m in zip(weights, masks, strict=True)
+    ]
+    alive = [m.reshape(m.shape[0], -1).any(1) for m in masks]
     remove: list[torch.Tensor] = [torch.zeros_like(a) for a in alive]
     if scope == "layerwise":
         for i, (score, a) in enumerate(zip(l1, alive, strict=True)):
