@@ -376,6 +376,36 @@ def _load_cifar(name: str, data_dir: str, download: bool, augment: bool) -> _Raw
     return out[0], out[1], out[2], out[3], num_classes, "cifar" if augment else None
 
 
+def check_available(name: str, data_dir: str, download: bool) -> None:
+    """Fail fast (before a study starts its trials) when a file-backed data set is neither under
+    ``data_dir`` nor downloadable: the same errors :func:`load_dataset` would raise in every
+    worker. Data sets generated in memory are always available."""
+    if name not in ("cifar10", "cifar100"):
+        return
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = Path(data_dir)
+    probe = cls.__new__(cls)
+    probe.root = str(root)
+    if probe._check_integrity():
+        return
+    if not download:
+        raise FileNotFoundError(
+            f"{name} not found under data.data_dir={str(root)!r}; set data.download=true to "
+            f"download it, or place the extracted torchvision files ('{cls.base_folder}/') there"
+        )
+    _check_data_dir_writable(root)
+    why = _unreachable(cls.url, DOWNLOAD_PROBE_TIMEOUT_S)
+    if why is not None:
+        raise FileNotFoundError(
+            f"{name} not found under data.data_dir={str(root)!r}, and data.download=true cannot "
+            f"reach {cls.url} ({why}); the download needs a network: place the extracted "
+            f"torchvision files ('{cls.base_folder}/') under data.data_dir, or download once "
+            "where the network is reachable"
+        )
+
+
 def _load_fake(num_samples: int | None) -> _Raw:
     n_train = 256 if num_samples is None else int(num_samples)
     n_test = 64 if num_samples is None else max(1, n_train // 4)

@@ -34,5 +34,5 @@ def run_command(fn: Any) -> int:
         if kind == "StudyInterrupted":
             return _error(exc, 130)
         if kind in ("ServiceError", "StudyLocked", "StudyEnvironmentError"):
-            return _error(exc, 2)
+            return _error(exc, getattr(exc, "exit_code", 2))
         raise

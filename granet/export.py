@@ -78,8 +78,10 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
             f"config.yaml: {current}); export the run directory that trained it, or retrain "
             f"this one (granet train {str(paths.config)!r} --run-dir {str(paths.root)!r} --fresh)"
         )
-    names = ckpt["engine"]["layer_names"]
-    masks = {f"{n}.weight": m for n, m in zip(names, ckpt["engine"]["masks"], strict=True)}
+    # full parameter names (in_proj_weight, weight_hh_l0, ...); older checkpoints: <layer>.weight
+    names = ckpt["engine"].get("param_names") or [
+        f"{n}.weight" for n in ckpt["engine"]["layer_names"]]
+    masks = dict(zip(names, ckpt["engine"]["masks"], strict=True))
     state = {k: v.clone() for k, v in ckpt["model"].items()}
     for key, m in masks.items():
         state[key].mul_(m)  # already zero; applied again so the export never depends on it

@@ -49,7 +49,23 @@ class StudyInterrupted(RuntimeError):
 
 
 class StudyEnvironmentError(RuntimeError):
-    """The study directory cannot be used (a file in the way, no permission, disk full)."""
+    """The study directory cannot be used (a file in the way, no permission, disk full).
+    ``exit_code`` is 2 when found before any work, 1 mid-study."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _disk_full(root: Path) -> bool:
+    """Whether the study directory's file system has (almost) no space left: Ray reports a full
+    disk in many shapes (a truncated pickle, an I/O error in its own files), so ask the disk."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(root).free < 1 << 20
+    except OSError:
+        return False
 
 
 _ENV_FIXES = {
@@ -140,6 +156,8 @@ def _preflight(study: StudyConfig) -> None:
         from granet.preflight import check_user_code
     except ImportError:  # pragma: no cover - granet.preflight ships with granet
         return
+    from granet.data import check_available
+
     seen: set[str] = set()
     for cfg in study.trial_configs():
         ident = json.dumps([cfg.model.name, cfg.model.kwargs, cfg.data.name,
@@ -147,6 +165,7 @@ def _preflight(study: StudyConfig) -> None:
         if ident not in seen:
             seen.add(ident)
             check_user_code(cfg)
+            check_available(cfg.data.name, cfg.data.data_dir, cfg.data.download)
 
 
 def _default_trainable() -> Any:
@@ -209,7 +228,7 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
     grid = run_tuner(
         run.study, experiment=name, storage=run.paths.ray, trainable=trainable,
         param_space={"trial": grid_of([t.to_dict() for t in todo]), "context": ctx.to_dict()},
-        metric=stage.metric, mode=stage.mode, callbacks=[*callbacks, progress(len(todo))],
+        callbacks=[*callbacks, progress(len(todo))],
     )
     _account(run, stage.name, grid, len(todo))
 
@@ -231,7 +250,6 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
         storage=run.paths.ray, trainable=trainable,
         param_space={"trial": stage.trial, "context": ctx.to_dict()},
         num_samples=stage.num_samples, search_alg=stage.searcher, scheduler=stage.scheduler,
-        metric=stage.metric, mode=stage.mode,
         callbacks=[*callbacks, ProgressLine(stage.name, stage.num_samples, metric=stage.metric,
                                             mode=stage.mode,
                                             failures_dir=str(run.paths.failures))],
@@ -337,8 +355,13 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
             raise StudyInterrupted(
                 f"{msg}; finished trials are kept in {paths.root}. Resume with: {cmd}"
             ) from None
-        except BaseException:
+        except BaseException as exc:
             _close(tracker, "FAILED")
+            if isinstance(exc, Exception) and _disk_full(paths.root):
+                raise StudyEnvironmentError(
+                    f"No space left on device ({paths.root}) while the study ran; free some "
+                    "space (or choose a study_dir on a larger disk) and run the same command "
+                    "again: finished trials are kept", exit_code=1) from None
             raise
         figures = _report(run)
         failed = sum(run.failed.values())

@@ -35,7 +35,8 @@ Tables and their columns (types are the pyarrow types; every float may be null /
     then float64 columns EPOCH_METRICS (lr, train_loss, train_acc, val_loss, val_acc, test_loss,
     test_acc, best_val_acc, test_at_best_val, density, density_all, sparsity, regen_rate,
     itop_rate, units_without_input, dead_relu, mask_events, pruned, regrown, pruned_total,
-    regrown_total, inference_flops, inference_flops_ratio, train_flops, epoch_seconds).
+    regrown_total, inference_flops, inference_flops_ratio, train_flops, epoch_seconds,
+    collapsed_layers).
     Metrics a trainer does not produce are null.
 
 ``probes`` - one row per finished plasticity probe (stage "probe"):
@@ -106,7 +107,7 @@ EPOCH_METRICS = (
     "best_val_acc", "test_at_best_val", "density", "density_all", "sparsity", "regen_rate",
     "itop_rate", "units_without_input", "dead_relu", "mask_events", "pruned", "regrown",
     "pruned_total", "regrown_total", "inference_flops", "inference_flops_ratio", "train_flops",
-    "epoch_seconds",
+    "epoch_seconds", "collapsed_layers",
 )
 FINAL_METRICS = (
     "test_acc", "val_acc", "best_val_acc", "test_at_best_val", "density", "density_all",

@@ -366,15 +366,17 @@ def test_read_only_file_system(tmpfs):
 
 
 def test_disk_full_mid_study_stops_cleanly_keeping_what_finished(ray_session, tmpfs):
-    small = tmpfs("small", "size=6m")
+    small = tmpfs("small", "size=3m")
     sd = small / "study"
     proc = subprocess.run(
         [sys.executable, "-m", "granet", "study", *SMOKE_PL, "--set", f"study_dir={sd}",
          "--set", "max_failures=0"],
         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode in (1, 2), proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "No space left on device" in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"granet: error: No space left on device ({sd}) while the study ran; free some space")
+    # (the lines above it are Ray's own log of the trials that hit the full disk)
+    assert not (sd / "summary.json").exists() or summary_of(sd)["status"] != "finished"
     # what finished is readable; nothing half-written stands under a final name
     for table in results.TABLES:
         results.scan_table(sd, table)

@@ -38,6 +38,13 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self.full_iterations = int(full_iterations)
         self.iteration_key = iteration_key
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        super().on_trial_result(trial_id, result)
+        run_id = result.get("mlflow_run_id")
+        ot_trial = self._ot_trials.get(trial_id)
+        if run_id and ot_trial is not None and "mlflow_run_id" not in ot_trial.user_attrs:
+            ot_trial.set_user_attr("mlflow_run_id", run_id)  # the Optuna trial -> its MLflow run
+
     def _iteration(self, result: dict[str, Any] | None) -> int | None:
         if not result:
             return None

@@ -83,6 +83,8 @@ class _EpochHook:
         if epoch in t.spec.save_epochs:
             save_checkpoint(trainer.state_dict(), t.paths.trunk_checkpoint(t.spec.key, epoch))
         metrics = {**record, "trial_key": t.spec.key, "stage": t.spec.stage}
+        if t.run is not None:
+            metrics["mlflow_run_id"] = t.run.run_id  # a searcher links its trial to the run
         due = epoch % trainer.cfg.run.checkpoint_every == 0 or epoch >= trainer.cfg.run.epochs
         if not due:
             tune.report(metrics)

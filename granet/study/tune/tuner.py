@@ -156,14 +156,13 @@ def run_tuner(
     num_samples: int = 1,
     search_alg: Any = None,
     scheduler: Any = None,
-    metric: str | None = None,
-    mode: str | None = None,
     callbacks: list[Any] | None = None,
 ) -> Any:
     """Fit (or, with ``restore``, resume) one Tune experiment; return its ResultGrid.
 
-    ``metric``/``mode`` go to TuneConfig only when there is neither a searcher nor a scheduler
-    (those carry their own: setting both raises in Ray 2.60).
+    ``metric``/``mode`` are the searcher's and scheduler's business (they carry their own:
+    setting them on TuneConfig too raises in Ray 2.60); TuneConfig gets none, so a trial that
+    ends without an epoch (it had finished already, or its input is unusable) is no error.
     """
     # num_to_keep forces an experiment snapshot per reported checkpoint: Tune warns on every
     # short trial otherwise. The classic reporter with verbose=0 prints nothing.
@@ -184,14 +183,11 @@ def run_tuner(
         if local is not None:
             local.get_run_config().callbacks = cbs
         return _fit(tuner)
-    use_tc_metric = search_alg is None and scheduler is None
     tuner = tune.Tuner(
         fn,
         param_space=param_space or {},
         tune_config=tune.TuneConfig(
             num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
-            metric=metric if use_tc_metric else None,
-            mode=mode if use_tc_metric and metric else None,
             max_concurrent_trials=study.max_concurrent or None, reuse_actors=True,
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
         ),
