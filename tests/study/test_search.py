@@ -214,9 +214,9 @@ def test_asha_stopped_trials_are_pruned_in_optuna(ray_session, tmp_path, tmp_pat
         if t.state == TrialState.PRUNED:
             assert by_key[t.user_attrs["trial_key"]].data.tags["granet.pruned"] == "true"
         # linked both ways: the Optuna trial names its MLflow run, the run its Optuna number
-        run = by_key[t.user_attrs["trial_key"]]
-        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
-        assert run.data.tags["optuna.number"] == str(t.number)
+        child = by_key[t.user_attrs["trial_key"]]
+        assert t.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert child.data.tags["optuna.number"] == str(t.number)
     assert _study(d).metric_names == ["val_loss"]
     assert all(not k.startswith("set:") for t in trials for k in t.params)
 
