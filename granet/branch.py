@@ -68,16 +68,23 @@ def _regrow_gradient(trainer: Any, counts: list[int], mode: str, seed: int, t: i
     return grown
 
 
-def branch(trainer: Any, checkpoint: str | Path, *, epoch_t: int, ratio: float, scope: str,
-           structure: str, regen: bool, regrow_mode: str = "gradient") -> BranchResult:
+def branch(trainer: Any, checkpoint: str | Path | dict[str, Any], *, epoch_t: int, ratio: float,
+           scope: str, structure: str, regen: bool, regrow_mode: str = "gradient",
+           digest: str | None = None) -> BranchResult:
     """Load ``checkpoint`` (weights, masks, optimizer state, BN statistics) into ``trainer``,
     prune ``ratio`` of the remaining weights, and regrow as many if ``regen``.
+
+    ``checkpoint`` is a path or a checkpoint already read with :func:`granet.io.load_checkpoint`
+    (probes of one trunk share one read; nothing of it is modified). ``digest``: its
+    :func:`state_digest`, when the caller has it already (the same for every probe of a trunk
+    epoch); computed from the loaded state otherwise.
 
     Raises :class:`granet.io.CheckpointError` when the checkpoint cannot be read.
     """
     eng = trainer.engine
     trainer.load_weights_and_masks(checkpoint, optimizer=True)
-    digest = state_digest(trainer.model.state_dict(), eng.masks)
+    if digest is None:
+        digest = state_digest(trainer.model.state_dict(), eng.masks)
     density_before = eng.density()
     pruned = eng.prune_fraction(float(ratio), scope=scope, structure=structure)
     regrown = 0

@@ -239,11 +239,21 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
-    def load_weights_and_masks(self, path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
+    def load_weights_and_masks(self, path: str | Path | dict[str, Any], *,
+                               optimizer: bool = True) -> dict[str, Any]:
         """Start from another run's checkpoint (a plasticity probe branching from its trunk):
         weights, masks and optionally optimizer state; epoch, step and history start afresh.
+        ``path`` may also be a checkpoint already loaded with :func:`granet.io.load_checkpoint`
+        (probes of one trunk share one read); the optimizer state is then copied, never shared.
         """
-        state = load_checkpoint(path, map_location=self.device, keys=("model", "engine"))
+        if isinstance(path, dict):
+            state = path
+            if optimizer:  # Optimizer.load_state_dict keeps same-device tensors as they are
+                import copy
+
+                state = {**state, "optimizer": copy.deepcopy(state["optimizer"])}
+        else:
+            state = load_checkpoint(path, map_location=self.device, keys=("model", "engine"))
         self.model.load_state_dict(state["model"])
         if optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -374,6 +384,9 @@ class Trainer:
         return float(loss_sum) / n, float(correct) / n
 
     def _record(self, train: dict[str, float], seconds: float) -> dict[str, Any]:
+        """The epoch's record; ``epoch_seconds`` is ``seconds`` (training) plus the time of the
+        evaluation done here: an epoch's cost is its training and its evaluation."""
+        t_eval = time.perf_counter()
         val_loss, val_acc = self.evaluate(self.data.val)
         test_loss, test_acc = self.evaluate(self.data.test)
         rec: dict[str, Any] = {"epoch": self.epoch, "step": self.engine.step_count, **train}
@@ -383,7 +396,7 @@ class Trainer:
             probe = self.data.test.x[: self.cfg.data.eval_batch_size]
             dead = dead_relu_share(self.model, probe) if len(probe) else None
             rec["dead_relu"] = math.nan if dead is None else dead
-        rec["epoch_seconds"] = seconds
+        rec["epoch_seconds"] = seconds + (time.perf_counter() - t_eval)
         prev = [h for h in self.history if not math.isnan(h["val_acc"])]
         best = max(prev, key=lambda h: h["val_acc"], default=None)
         if math.isnan(val_acc):
