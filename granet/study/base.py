@@ -44,13 +44,17 @@ from granet.config import (
 )
 
 __all__ = [
+    "PACK_MODES",
+    "PackedTrial",
     "ProbeSpec",
     "StudyConfig",
     "TrialContext",
     "TrialSpec",
     "TrialSpecError",
     "build_train_config",
+    "is_packed",
     "load_study_config",
+    "pack_key",
     "study_to_dict",
     "trial_key",
     "validate_train",
@@ -139,6 +143,13 @@ class StudyConfig:
         """Write the study's own outputs; return ``{"files": [...], "metrics": {...}, ...}``
         (files and metrics go to the parent MLflow run, the rest into the summary)."""
         raise NotImplementedError
+
+    def pack_trials(self, stage: str, trials: list[TrialSpec]) -> list[TrialSpec | PackedTrial]:
+        """How the driver launches a grid stage's trials: each alone (the default), or some of
+        them together as one Tune trial (:class:`PackedTrial`: plasticity probes of one trunk
+        checkpoint). Packing changes no key, row or MLflow run: only how many Tune trials
+        carry them."""
+        return list(trials)
 
     def parent_params(self) -> dict[str, Any]:
         """What the parent MLflow run logs as params: the study's fields and the base config's
@@ -436,3 +447,86 @@ class TrialContext:
                 _require(tracking, k, (str,), f"{where}.tracking")
         threads = _require(data, "num_threads", (int,), where, optional=True) or 1
         return cls(study_dir=study_dir, tracking=tracking, num_threads=max(1, threads))
+
+
+# ---------------------------------------------------------------------------------- packed trials
+
+PACK_MODES = ("loop", "vmap")
+
+
+def pack_key(keys: list[str] | tuple[str, ...]) -> str:
+    """The Tune-side name of a pack: ``pack-`` + 12 hex characters of SHA-256 of its sorted
+    member keys (the members keep their own keys; this one names no result)."""
+    return "pack-" + hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:12]
+
+
+def is_packed(data: Any) -> bool:
+    """Whether a Tune config's ``trial`` dict is a :class:`PackedTrial`."""
+    return isinstance(data, dict) and "members" in data
+
+
+@dataclass(frozen=True)
+class PackedTrial:
+    """Trials trained together in one Tune trial, one data pass per batch
+    (:class:`granet.pack.ProbePack`): plasticity probes branched from the same trunk checkpoint,
+    with the same training config. Each member keeps its key, its Parquet rows and its MLflow run;
+    ``key`` (:func:`pack_key`) only names the Tune trial and its directory. ``mode``: "loop"
+    (bit-identical to the members trained one by one) or "vmap" (one batched model; within
+    floating-point tolerance)."""
+
+    key: str
+    stage: str
+    members: tuple[TrialSpec, ...]
+    mode: str = "loop"
+    run_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "stage": self.stage, "mode": self.mode,
+                "run_name": self.run_name, "members": [m.to_dict() for m in self.members]}
+
+    @classmethod
+    def of(cls, members: list[TrialSpec], mode: str = "loop", run_name: str = "") -> PackedTrial:
+        """A pack of ``members`` (checked as :meth:`from_dict` checks it)."""
+        return cls.from_dict({"key": pack_key([m.key for m in members]),
+                              "stage": members[0].stage if members else "", "mode": mode,
+                              "run_name": run_name, "members": [m.to_dict() for m in members]})
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PackedTrial:
+        """Check a packed trial dict: every member a valid TrialSpec, all of one stage with one
+        training config and (probes) one trunk checkpoint, no key twice."""
+        where = "trial"
+        if not isinstance(data, dict):
+            raise TrialSpecError(f"{where}={data!r}: must be a mapping")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrialSpecError(f"{where}.{unknown[0]}: unknown field")
+        raw = _require(data, "members", (list, tuple), where)
+        if not raw:
+            raise TrialSpecError(f"{where}.members=[]: a pack needs at least one trial")
+        members = tuple(TrialSpec.from_dict(m) for m in raw)
+        mode = _require(data, "mode", (str,), where, optional=True) or "loop"
+        if mode not in PACK_MODES:
+            raise TrialSpecError(f"{where}.mode={mode!r}: must be one of {', '.join(PACK_MODES)}")
+        stage = _require(data, "stage", (str,), where)
+        lead = members[0]
+        keys = [m.key for m in members]
+        if len(set(keys)) != len(keys):
+            raise TrialSpecError(f"{where}.members: key {keys[0]!r} given twice")
+        for m in members:
+            if m.stage != stage:
+                raise TrialSpecError(f"{where}.members: trial {m.key} is of stage {m.stage!r}, "
+                                     f"the pack of {stage!r}")
+            if m.train != lead.train or m.sets != lead.sets:
+                raise TrialSpecError(f"{where}.members: trial {m.key} has another training "
+                                     f"config than {lead.key}; packed trials share one")
+            ckpt = m.probe.trunk_ckpt if m.probe else None
+            if ckpt != (lead.probe.trunk_ckpt if lead.probe else None):
+                raise TrialSpecError(f"{where}.members: trial {m.key} branches from another "
+                                     f"checkpoint than {lead.key}")
+        key = _require(data, "key", (str,), where)
+        if key != pack_key(keys):
+            raise TrialSpecError(f"{where}.key={key!r}: must be {pack_key(keys)!r} (pack_key of "
+                                 "its members)")
+        return cls(key=key, stage=stage, members=members, mode=mode,
+                   run_name=_require(data, "run_name", (str,), where, optional=True) or "")

@@ -32,7 +32,7 @@ from typing import Any
 
 from granet.io import atomic_write_text
 from granet.study import results
-from granet.study.base import StudyConfig, TrialContext, load_study_config
+from granet.study.base import PackedTrial, StudyConfig, TrialContext, load_study_config
 from granet.study.lock import StudyLock
 from granet.study.paths import StudyPaths
 from granet.study.stages import GridStage, SearchStage
@@ -209,28 +209,38 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
         path = run.paths.experiment(exp["name"])
         if not left or not can_restore(path):
             continue
+        # Tune trials (a pack is one) with a trial still to finish
+        units = [u for u in exp.get("units") or [[k] for k in exp["keys"]] if set(u) & left]
         grid = run_tuner(run.study, experiment=exp["name"], storage=run.paths.ray,
                          trainable=trainable, restore=True,
-                         callbacks=[*callbacks, progress(len(left))])
-        _account(run, stage.name, grid, len(left))
+                         callbacks=[*callbacks, progress(len(units))])
+        _account(run, stage.name, grid, len(left), len(units))
         wanted -= run.finished_keys(stage.name)
     todo = [t for t in stage.trials if t.key in wanted]
     if not todo:
         return
     import hashlib
 
+    # packs (plasticity probes of one trunk checkpoint) run as one Tune trial each
+    units = run.study.pack_trials(stage.name, todo)
     name = f"{stage.name}-" + hashlib.sha256(
         ",".join(sorted(t.key for t in todo)).encode()).hexdigest()[:10]
     while run.paths.experiment(name).exists():
         name += "x"
-    exps.append({"name": name, "keys": sorted(t.key for t in todo)})
+    exps.append({"name": name, "keys": sorted(t.key for t in todo),
+                 "units": [_unit_keys(u) for u in units]})
     atomic_write_text(manifest, json.dumps(exps, indent=1))
     grid = run_tuner(
         run.study, experiment=name, storage=run.paths.ray, trainable=trainable,
-        param_space={"trial": grid_of([t.to_dict() for t in todo]), "context": ctx.to_dict()},
-        callbacks=[*callbacks, progress(len(todo))],
+        param_space={"trial": grid_of([u.to_dict() for u in units]), "context": ctx.to_dict()},
+        callbacks=[*callbacks, progress(len(units))],
     )
-    _account(run, stage.name, grid, len(todo))
+    _account(run, stage.name, grid, len(todo), len(units))
+
+
+def _unit_keys(unit: Any) -> list[str]:
+    """The trial keys a Tune trial carries (a pack: its members')."""
+    return [m.key for m in unit.members] if isinstance(unit, PackedTrial) else [unit.key]
 
 
 def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable: Any,
@@ -257,11 +267,18 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
     _account(run, stage.name, grid, stage.num_samples)
 
 
-def _account(run: StudyRun, stage: str, grid: Any, launched: int) -> None:
-    from granet.study.tune.tuner import tune_outcome
+def _account(run: StudyRun, stage: str, grid: Any, launched: int,
+             tune_trials: int | None = None) -> None:
+    """Count ``launched`` trials (carried by ``tune_trials`` Tune trials: fewer with packs) and
+    the failed ones: every unfinished trial of a Tune trial that errored."""
+    from granet.study.tune.tuner import errored_trial_keys, tune_outcome
 
-    ended, errors, interrupted = tune_outcome(grid, launched)
+    ended, errors, interrupted = tune_outcome(grid, launched if tune_trials is None
+                                              else tune_trials)
     run.launched[stage] += launched
+    if errors:
+        keys = errored_trial_keys(grid)
+        errors = len(keys - run.finished_keys(stage)) if keys else errors
     run.failed[stage] += errors
     if interrupted:
         done = len(run.finished_keys(stage))
@@ -324,17 +341,25 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
     from granet.study.tune import tuner as tn
 
     study, paths = run.study, run.paths
-    started = tn.ensure_ray(address)
+    # Open the parent MLflow run (a new sqlite store migrates its schema: seconds) in a thread
+    # while this one writes the data set cache the workers read and starts Ray. (The data are
+    # generated here, not in a thread: generators seed the global RNGs.)
+    tracker_job = _Background(lambda: _open_tracker(run, uri, local_store))
+    try:
+        _prepare_data(study, paths)
+        started = tn.ensure_ray(address)
+    except BaseException as exc:
+        made = tracker_job.result(swallow=True)
+        if made is not None:
+            _close(made, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     try:
         if address:
             tn.check_cluster_resources(study)
-        tracker = StudyTracker(uri, experiment=study.experiment, study=study.name,
-                               kind=study.kind,
-                               artifact_root=paths.mlflow_artifacts if local_store else None)
+        tracker = tracker_job.result()
         run.tracker = tracker
         from granet.study.base import study_to_dict
 
-        tracker.log_params(study.parent_params())
         atomic_write_text(paths.study_json,
                           json.dumps(study_to_dict(study), indent=2, default=str))
         ctx = TrialContext(study_dir=str(paths.root), tracking=tracker.tracking_info(),
@@ -381,6 +406,60 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
     finally:
         if started:
             tn.shutdown_ray()
+
+
+class _Background:
+    """``fn()`` in a daemon thread; :meth:`result` joins it and returns its value or raises its
+    exception (``swallow``: returns None instead, for error paths)."""
+
+    def __init__(self, fn: Any) -> None:
+        import threading
+
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.value = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def result(self, swallow: bool = False) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            if swallow:
+                return None
+            raise self.error
+        return self.value
+
+
+def _open_tracker(run: StudyRun, uri: str, local_store: bool) -> StudyTracker:
+    study, paths = run.study, run.paths
+    tracker = StudyTracker(uri, experiment=study.experiment, study=study.name, kind=study.kind,
+                           artifact_root=paths.mlflow_artifacts if local_store else None)
+    tracker.log_params(study.parent_params())
+    return tracker
+
+
+def _prepare_data(study: StudyConfig, paths: StudyPaths) -> None:
+    """Generate each generated built-in data set once, into the study's cache (a failure only
+    leaves the workers to generate it)."""
+    from granet.study.tune.trainable import prepare_data_cache
+
+    seen: set[str] = set()
+    for cfg in study.trial_configs():
+        ident = json.dumps([cfg.data.name, cfg.data.num_samples, cfg.data.val_fraction])
+        if ident in seen:
+            continue
+        seen.add(ident)
+        try:
+            prepare_data_cache(cfg, paths.root)
+        except Exception as exc:  # noqa: BLE001 - a cache
+            log.warning("granet: warning: data cache not prepared (%s: %s)",
+                        type(exc).__name__, exc)
 
 
 def _close(tracker: StudyTracker, status: str) -> None:

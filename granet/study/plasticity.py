@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,15 @@ from granet.config import (
     config_to_dict,
 )
 from granet.study import results
-from granet.study.base import ProbeSpec, StudyConfig, TrialSpec, trial_key, validate_train
+from granet.study.base import (
+    PACK_MODES,
+    PackedTrial,
+    ProbeSpec,
+    StudyConfig,
+    TrialSpec,
+    trial_key,
+    validate_train,
+)
 from granet.study.stages import GridStage
 
 __all__ = ["PlasticityStudy", "probe_config", "trunk_config"]
@@ -64,6 +73,12 @@ class PlasticityStudy(StudyConfig):
     final_gap: bool = False
     regrow_mode: str = "gradient"
     log_model: bool = False
+    # Probes of one trunk checkpoint train together, up to this many per Tune trial (one data
+    # pass per batch, granet/pack.py); 1: each probe is its own Tune trial. Keys, rows and MLflow
+    # runs stay per probe. pack_mode "loop" is bit-identical to probes trained one by one;
+    # "vmap" (one batched model, for GPUs) agrees within floating-point tolerance.
+    pack_probes: int = 8
+    pack_mode: str = "loop"
 
     def smoke(self) -> PlasticityStudy:
         out = super().smoke()
@@ -127,6 +142,9 @@ class PlasticityStudy(StudyConfig):
             raise ConfigError(f"k={self.k!r}: must be >= 1 epoch")
         if self.probe_every < 0:
             raise ConfigError(f"probe_every={self.probe_every!r}: must be >= 0 (0: off)")
+        if isinstance(self.pack_probes, bool) or self.pack_probes < 1:
+            raise ConfigError(f"pack_probes={self.pack_probes!r}: must be >= 1 (1: no packing)")
+        _in("pack_mode", self.pack_mode, PACK_MODES)
         total = self.train.run.epochs
         for t in self.probe_epochs:
             if not 1 <= t < total:
@@ -220,6 +238,36 @@ class PlasticityStudy(StudyConfig):
                     labels={**own, **trunk.labels}, log_model=self.log_model,
                 )
                 out.append((spec, own))
+        return out
+
+    def pack_trials(self, stage: str, trials: list[TrialSpec]) -> list[TrialSpec | PackedTrial]:
+        """Probes of one trunk checkpoint (same trunk, t and kind: the same training config)
+        in packs of at most ``pack_probes``, split evenly (20 probes, 8 per pack: 7 + 7 + 6);
+        everything else alone."""
+        if stage != "probe" or self.pack_probes <= 1:
+            return list(trials)
+        groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
+        for t in trials:
+            ident = (t.parent_key, t.probe.trunk_ckpt if t.probe else None,
+                     json.dumps(t.train, sort_keys=True, default=str))
+            groups.setdefault(ident, []).append(t)
+        out: list[TrialSpec | PackedTrial] = []
+        for members in groups.values():
+            n = len(members)
+            parts = -(-n // self.pack_probes)
+            start = 0
+            for i in range(parts):
+                size = n // parts + (1 if i < n % parts else 0)
+                chunk = members[start:start + size]
+                start += size
+                if len(chunk) == 1:
+                    out.append(chunk[0])
+                    continue
+                lab = chunk[0].labels
+                name = (f"{len(chunk)} probes t{lab.get('epoch_t')}"
+                        f"{' gap' if lab.get('kind') == 'gap' else ''} | "
+                        f"d{lab.get('trunk_density', 0):g} {lab.get('model')} s{lab.get('seed')}")
+                out.append(PackedTrial.of(chunk, mode=self.pack_mode, run_name=name))
         return out
 
     def plan(self, run: Any):

@@ -206,53 +206,139 @@ class StudyTracker:
 
 
 class TrialRun:
-    """Worker side: the trial's child run, created or reopened by ``granet.trial_key``."""
+    """Worker side: the trial's child run, created or reopened by ``granet.trial_key``.
+
+    Metrics are buffered (:meth:`add_epochs`) and sent in one ``log_batch`` call with whatever
+    else is pending - params of a new run, final metrics, tags - by :meth:`flush` (the trainable
+    flushes before each Tune checkpoint and at the end, so what a retry resumes from is always
+    logged, and a retried epoch is never logged twice: steps the run holds are skipped).
+
+    ``lazy=True`` defers finding or creating the run to the first flush; :meth:`open_all` opens
+    many lazy runs of one parent trial with one search (a pack of probes).
+    """
 
     def __init__(self, tracking: dict[str, str], *, trial_key: str, stage: str, study: str,
-                 parent_key: str | None, run_name: str, params: dict[str, Any]) -> None:
+                 parent_key: str | None, run_name: str, params: dict[str, Any],
+                 lazy: bool = False) -> None:
         self.client = _client(tracking["uri"])
         self.experiment_id = tracking["experiment_id"]
-        parent = tracking["parent_run_id"]
-        tags = {"granet.trial_key": trial_key, "mlflow.parentRunId": parent}
-        run_id = _find_run(self.client, self.experiment_id, tags)
-        self.reopened = run_id is not None
+        self.parent_run_id = tracking["parent_run_id"]
+        self.trial_key, self.stage, self.study = trial_key, stage, study
+        self.parent_key, self.run_name, self.params = parent_key, run_name, params
+        self.run_id: str | None = None
+        self.reopened = False
         self.last_step = -1
+        self._records: list[dict[str, Any]] = []
+        self._params_pending = False
+        if not lazy:
+            tags = {"granet.trial_key": trial_key, "mlflow.parentRunId": self.parent_run_id}
+            self._open(_find_run(self.client, self.experiment_id, tags), None)
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, run_id: str | None, has_params: bool | None) -> None:
         if run_id is None:
             run = self.client.create_run(
-                self.experiment_id, run_name=run_name,
-                tags={**tags, "granet.study": study, "granet.stage": stage,
-                      "granet.parent_key": parent_key or ""},
+                self.experiment_id, run_name=self.run_name,
+                tags={"granet.trial_key": self.trial_key, "mlflow.parentRunId": self.parent_run_id,
+                      "granet.study": self.study, "granet.stage": self.stage,
+                      "granet.parent_key": self.parent_key or ""},
             )
-            run_id = run.info.run_id
-            _log_batch(self.client, run_id, params=_params(params))
-        else:
-            self.client.update_run(run_id, status="RUNNING")
-            hist = self.client.get_metric_history(run_id, "epoch")
-            self.last_step = max((int(m.step) for m in hist), default=-1)
+            self.run_id = run.info.run_id
+            self._params_pending = True  # sent with the first flush
+            return
+        self.reopened = True
         self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        hist = self.client.get_metric_history(run_id, "epoch")
+        self.last_step = max((int(m.step) for m in hist), default=-1)
+        if has_params is None:
+            has_params = bool(self.client.get_run(run_id).data.params)
+        self._params_pending = not has_params  # created, then killed before its first flush
+
+    @staticmethod
+    def open_all(runs: list[TrialRun]) -> None:
+        """Open the lazy ``runs`` (children of one parent trial: same ``parent_key`` and stage)
+        with one search; create the ones that do not exist yet."""
+        todo = [r for r in runs if r.run_id is None]
+        if not todo:
+            return
+        r0 = todo[0]
+        flt = (f"tags.`mlflow.parentRunId` = '{r0.parent_run_id}' and "
+               f"tags.`granet.stage` = '{r0.stage}' and "
+               f"tags.`granet.parent_key` = '{r0.parent_key or ''}'")
+        found: dict[str, Any] = {}
+        for run in r0.client.search_runs([r0.experiment_id], filter_string=flt,
+                                         max_results=50000,
+                                         order_by=["attributes.start_time DESC"]):
+            key = run.data.tags.get("granet.trial_key")
+            found[key] = run  # newest first: the oldest run of a key wins (as _find_run)
+        for r in todo:
+            hit = found.get(r.trial_key)
+            r._open(hit.info.run_id if hit is not None else None,
+                    bool(hit.data.params) if hit is not None else None)
+
+    def _ensure(self) -> str:
+        if self.run_id is None:
+            TrialRun.open_all([self])
+        assert self.run_id is not None
+        return self.run_id
+
+    # ------------------------------------------------------------------ logging
+    def add_epochs(self, records: list[dict[str, Any]]) -> None:
+        """Buffer epoch records (step = epoch) for the next :meth:`flush`."""
+        self._records.extend(records)
+
+    def flush(self, metrics: dict[str, Any] | None = None, step: int = 0,
+              tags: dict[str, Any] | None = None) -> None:
+        """One ``log_batch`` call: the buffered epochs the run does not hold yet, ``metrics``
+        at ``step``, the params of a new run and ``tags``."""
+        run_id = self._ensure()
+        ts = int(time.time() * 1000)
+        items: list[Any] = []
+        last = self.last_step
+        for rec in self._records:
+            st = int(rec["epoch"])
+            if st > last:
+                items += _metrics(rec, st, ts)
+                last = st
+        if metrics:
+            items += _metrics(metrics, step, ts)
+        params = _params(self.params) if self._params_pending else []
+        from mlflow.entities import RunTag
+
+        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if items or params or tag_list:
+            _log_all(self.client, run_id, items, params, tag_list)
+        self.last_step = last
+        self._records = []
+        self._params_pending = False
 
     def log_epochs(self, records: list[dict[str, Any]]) -> None:
         """One batched call for the epochs the run does not hold yet (step = epoch)."""
-        ts = int(time.time() * 1000)
-        items = []
-        for rec in records:
-            step = int(rec["epoch"])
-            if step > self.last_step:
-                items += _metrics(rec, step, ts)
-                self.last_step = step
-        if items:
-            _log_batch(self.client, self.run_id, metrics=items)
+        self.add_epochs(records)
+        self.flush()
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
-        _log_batch(self.client, self.run_id,
-                   metrics=_metrics(metrics, step, int(time.time() * 1000)))
+        self.flush(metrics, step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.client.log_artifact(self._ensure(), str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self.flush(tags=tags)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """Flush what is buffered, then end the run with ``status``."""
+        self.flush()
+        self.client.set_terminated(self._ensure(), status=status)
+
+
+def _log_all(client, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+    """As few ``log_batch`` calls as MLflow's limits allow (1000 entities, of them at most 100
+    params and 100 tags per call): one for a trial's whole pending state in practice."""
+    while metrics or params or tags:
+        p, params = params[:100], params[100:]
+        t, tags = tags[:100], tags[100:]
+        room = 1000 - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        client.log_batch(run_id, metrics=m, params=p, tags=t)

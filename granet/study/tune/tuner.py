@@ -25,8 +25,8 @@ from granet.study.base import StudyConfig
 from granet.study.tracking import ServiceError
 
 __all__ = ["can_restore", "check_cluster_resources", "check_local_resources",
-           "check_ray_address", "ensure_ray", "grid_of", "run_tuner", "shutdown_ray",
-           "tune_outcome"]
+           "check_ray_address", "ensure_ray", "errored_trial_keys", "grid_of", "run_tuner",
+           "shutdown_ray", "tune_outcome"]
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
@@ -235,3 +235,22 @@ def tune_outcome(grid: Any, expected: int) -> tuple[int, int, bool]:
     ended = grid.num_terminated
     interrupted = bool(getattr(grid, "granet_interrupted", False)) or len(grid) < expected
     return ended, errors, interrupted
+
+
+def errored_trial_keys(grid: Any) -> set[str]:
+    """The trial keys carried by the Tune trials of ``grid`` that errored (a pack: all its
+    members')."""
+    keys: set[str] = set()
+    for i in range(len(grid)):
+        r = grid[i]
+        if r.error is None:
+            continue
+        cfg = r.config or {}
+        trial = cfg.get("trial") or {}
+        members = trial.get("members")
+        if members:
+            keys |= {m.get("key") for m in members if isinstance(m, dict)}
+        else:
+            keys.add(cfg.get("trial_key") or trial.get("key"))
+    keys.discard(None)
+    return keys
