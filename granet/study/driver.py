@@ -341,14 +341,17 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
     from granet.study.tune import tuner as tn
 
     study, paths = run.study, run.paths
-    # Open the parent MLflow run (a new sqlite store migrates its schema: seconds) in a thread
-    # while this one writes the data set cache the workers read and starts Ray. (The data are
-    # generated here, not in a thread: generators seed the global RNGs.)
+    # While Ray starts (seconds), open the parent MLflow run (a new sqlite store migrates its
+    # schema: seconds too) and write the data set cache the workers read, in two threads.
+    # (mnist1d draws from numpy's global RNG, which neither Ray's start nor MLflow touch; a
+    # user data set is never generated here.)
     tracker_job = _Background(lambda: _open_tracker(run, uri, local_store))
+    data_job = _Background(lambda: _prepare_data(study, paths))
     try:
-        _prepare_data(study, paths)
         started = tn.ensure_ray(address)
+        data_job.result()
     except BaseException as exc:
+        data_job.result(swallow=True)
         made = tracker_job.result(swallow=True)
         if made is not None:
             _close(made, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

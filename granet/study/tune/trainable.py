@@ -402,12 +402,12 @@ _PROBE_METRICS = ("plasticity", "final_gap", "acc_before", "acc_pruned", "acc_af
 
 def granet_trainable(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one granet training run (trunk, probe, search trial, ...)."""
+    t0 = time.time()  # the trial's wall time counts its imports (a new worker's first trial)
     import torch
 
     from granet.study.base import is_packed
     from granet.trainer import Diverged
 
-    t0 = time.time()
     if is_packed(config.get("trial")):
         return _packed_trainable(config, t0)
     spec, ctx = trial_from_tune_config(config)
