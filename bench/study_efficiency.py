@@ -57,7 +57,7 @@ MAIN = REPO / "studies" / "configs" / "plasticity_mnist1d.yaml"
 
 def load() -> str:
     try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "?"
 
@@ -286,9 +286,13 @@ def main() -> int:
                 if ref is None:
                     ref = mean
                 else:
-                    print(f"{'':<18} {names[0]} / {name}: wall x{mean['wall'] / ref['wall']:.2f} "
-                          f"faster, eff window {ref['eff_window'] / mean['eff_window']:.2f}x, "
-                          f"probes/s x{ref['probes_per_s'] / mean['probes_per_s']:.2f}")
+                    print(f"{'':<18} {names[0]} vs {name}: wall {name}/{names[0]} "
+                          f"{mean['wall'] / ref['wall']:.2f}, eff window "
+                          f"{ref['eff_window']:.3f} vs {mean['eff_window']:.3f}, eff job "
+                          f"{ref['eff_job']:.3f} vs {mean['eff_job']:.3f}, fixed/trial "
+                          f"{ref['fixed_trial'] * 1000:.0f} vs {mean['fixed_trial'] * 1000:.0f} ms,"
+                          f" probes/s {names[0]}/{name} "
+                          f"{ref['probes_per_s'] / mean['probes_per_s']:.2f}")
         if not args.no_inprocess:
             for line in inprocess():
                 print(line, flush=True)
