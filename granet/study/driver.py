@@ -212,8 +212,10 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
         grid = run_tuner(run.study, experiment=exp["name"], storage=run.paths.ray,
                          trainable=trainable, restore=True,
                          callbacks=[*callbacks, progress(len(left))])
-        _account(run, stage.name, grid, len(left))
-        wanted -= run.finished_keys(stage.name)
+        finished = run.finished_keys(stage.name)
+        # count what the restore ran: trials it finished (errors are counted as failed)
+        _account(run, stage.name, grid, len(left), ran=len(left & finished))
+        wanted -= finished
     todo = [t for t in stage.trials if t.key in wanted]
     if not todo:
         return
@@ -257,11 +259,12 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
     _account(run, stage.name, grid, stage.num_samples)
 
 
-def _account(run: StudyRun, stage: str, grid: Any, launched: int) -> None:
+def _account(run: StudyRun, stage: str, grid: Any, launched: int,
+             ran: int | None = None) -> None:
     from granet.study.tune.tuner import tune_outcome
 
     ended, errors, interrupted = tune_outcome(grid, launched)
-    run.launched[stage] += launched
+    run.launched[stage] += launched if ran is None else ran + errors
     run.failed[stage] += errors
     if interrupted:
         done = len(run.finished_keys(stage))
@@ -339,6 +342,8 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
                           json.dumps(study_to_dict(study), indent=2, default=str))
         ctx = TrialContext(study_dir=str(paths.root), tracking=tracker.tracking_info(),
                            num_threads=max(1, int(study.cpus_per_trial)))
+        for reason in results.forget_unreadable(paths.root).values():
+            run.say(f"results file {reason}: its trial will run again")
         try:
             for stage in study.plan(run):
                 if isinstance(stage, GridStage):
