@@ -442,6 +442,28 @@ class LocalCluster:
                 continue
         raise AssertionError(f"no raylet found for the {node} node")
 
+    def node_pids(self, node: str) -> list[int]:
+        """Every live process of ``node``: its raylet, the raylet's descendants (workers,
+        agents) and the processes `ray start` left with the node's temp dir (log monitor)."""
+        import psutil
+
+        pids = set()
+        raylet = self.raylet_pid(node)
+        pids.add(raylet)
+        try:
+            pids.update(p.pid for p in psutil.Process(raylet).children(recursive=True))
+        except psutil.Error:
+            pass
+        where = str(self.temp[node])
+        for pid in marked_pids(self.mark):
+            try:
+                p = psutil.Process(pid)
+                if where in " ".join(p.cmdline()) or p.cwd().startswith(where):
+                    pids.add(pid)
+            except psutil.Error:
+                continue
+        return sorted(pids, key=lambda pid: pid != raylet)  # the raylet first
+
     def node_processes(self, node: str) -> list[str]:
         """Live processes of this cluster whose command line or working directory lies under
         ``node``'s temp dir (its raylet, agents and workers)."""
@@ -455,7 +477,7 @@ class LocalCluster:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
                 if where in " ".join(p.cmdline()) or p.cwd().startswith(where):
-                    out.append(f"{pid} {p.name()}")
+                    out.append(f"{pid} {' '.join(p.cmdline())[:160]}")
             except psutil.Error:
                 continue
         return out
@@ -463,7 +485,8 @@ class LocalCluster:
     def diagnostics(self, output: str = "") -> str:
         """The commands run so far, the tail of ``output`` and of the job drivers' logs."""
         parts = ["\n".join(self.log), output[-6000:]]
-        for log in sorted(self.temp["head"].glob("session_*/logs/job-driver-*.log")):
+        logs = {p.resolve() for p in self.temp["head"].glob("session_*/logs/job-driver-*.log")}
+        for log in sorted(logs):
             parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}")
         return "\n".join(parts)
 
