@@ -67,8 +67,8 @@ def test_every_placeholder_is_marked_and_explained():
         if i < body or "# FILL:" not in ln:  # the header only tells about the marks
             continue
         if ln.lstrip().startswith("# FILL:"):  # about the command above: its placeholder value
-            value = re.search(r"[\w.-]*0123456789abcdef0[\w.-]*", "\n".join(lines[i - 8: i])).group(0)
-            keys.append(value)
+            above = "\n".join(lines[i - 8: i])
+            keys.append(re.search(r"[\w.-]*0123456789abcdef0[\w.-]*", above).group(0))
         else:
             keys.append(ln.split(":", 1)[0].strip())
     assert sorted(set(keys)) == ["ImageId", "fs-0123456789abcdef0.efs.us-west-2.amazonaws.com",
