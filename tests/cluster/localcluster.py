@@ -245,6 +245,7 @@ class LocalCluster:
         self.log: list[str] = []
         self.timings: dict[str, float] = {}
         self.node_env: dict[str, dict[str, str]] = {}
+        self.mlflow_argv: list[str] = []
 
     # ------------------------------------------------------------------ environment
     def base_env(self) -> dict[str, str]:
@@ -345,6 +346,7 @@ class LocalCluster:
                     raise AssertionError(f"start_mlflow_server.sh PORT: expected 5000: {argv}")
                 local = [_expand(self.local_value(a), env) for a in argv]
                 local[2] = str(self.ports["mlflow"])
+                self.mlflow_argv = local
                 self.run(local, env=env, timeout=200)
                 self.timings["mlflow server"] = time.time() - t0
             else:

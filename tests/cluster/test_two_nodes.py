@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.cluster.localcluster import marked_pids
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +203,42 @@ def test_token_is_required(local_cluster):
     assert not (c.shared / "refused").exists()
     jobs = c.api("/api/jobs/")
     assert all("refused" not in json.dumps(j) for j in jobs), jobs
+
+
+def test_mlflow_start_is_idempotent(local_cluster):
+    """The head's MLflow step again (as on a second `ray up`): nothing starts; the server takes
+    its own URL and an SSH tunnel's Host header, and refuses other names."""
+    import psutil
+
+    c = local_cluster
+    pidfile = c.home / ".granet-mlflow" / "mlflow.pid"
+    pid = pidfile.read_text().strip()
+    t0 = time.time()
+    proc = c.run(c.mlflow_argv, env=c.node_env["head"], timeout=60)
+    assert "already answers" in proc.stdout and "nothing to do" in proc.stdout, proc.stdout
+    assert time.time() - t0 < 20
+    assert pidfile.read_text().strip() == pid
+    servers = [p for p in marked_pids(c.mark)
+               if "server" in psutil.Process(p).cmdline()
+               and any(a.endswith("mlflow") for a in psutil.Process(p).cmdline())]
+    assert servers == [int(pid)]
+
+    def status(host: str) -> int:
+        # /health answers any Host; the tracking API checks it
+        req = urllib.request.Request(
+            c.mlflow_url + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default",
+            headers={"Host": host})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    port = c.ports["mlflow"]
+    assert status(f"127.0.0.2:{port}") == 200  # the URL the nodes use
+    assert status(f"127.0.0.1:{port}") == 200  # ssh -L PORT:<head private IP>:PORT
+    assert status(f"localhost:{port}") == 200
+    assert status(f"mlflow.example.com:{port}") == 403
 
 
 def test_killed_worker_loses_no_trial(local_cluster):
