@@ -186,23 +186,31 @@ def test_token_is_required(local_cluster):
     empty_home.mkdir()
     cases = {
         # token mode, no token anywhere: refused before anything is sent
-        "missing": c.client_env(HOME=str(empty_home)),
-        # token mode, a wrong token: the server refuses it
-        "wrong": c.client_env(RAY_AUTH_TOKEN="0" * 32),
-        # auth not enabled on the client (the default for clients): no token sent, refused
-        "disabled": c.client_env(HOME=str(empty_home), RAY_AUTH_MODE="disabled"),
+        "missing": (c.client_env(HOME=str(empty_home)),
+                    "couldn't find an authentication token"),
+        # token mode, a wrong token: the server refuses it (403)
+        "wrong": (c.client_env(RAY_AUTH_TOKEN="0" * 32),
+                  "Forbidden: Invalid authentication token"),
+        # RAY_AUTH_MODE not exported (clients default to disabled): no token is sent, even with
+        # the token file in place (401)
+        "not exported": (c.client_env(RAY_AUTH_MODE="disabled"),
+                         "Unauthorized: Missing authentication token"),
     }
-    for name, env in cases.items():
+    for name, (env, message) in cases.items():
         proc = c.submit(wd, ["--smoke-test"], study_dir=c.shared / "refused", env=env,
                         timeout=120)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0, f"{name}: the job was accepted:\n{out[-3000:]}"
-        assert "uthentication" in out or "Unauthorized" in out or "Forbidden" in out, (
-            f"{name}: no authentication error:\n{out[-3000:]}")
+        assert "AuthenticationError" in out and message in out, f"{name}:\n{out[-3000:]}"
     # nothing ran: no study directory, no job besides the first test's
     assert not (c.shared / "refused").exists()
     jobs = c.api("/api/jobs/")
     assert all("refused" not in json.dumps(j) for j in jobs), jobs
+    # the dashboard's HTTP API itself: 401 without a token, 403 with a wrong one
+    for token, code in (("", 401), ("0" * 32, 403)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            c.api("/api/jobs/", token=token)
+        assert err.value.code == code
 
 
 def test_mlflow_start_is_idempotent(local_cluster):
