@@ -53,8 +53,9 @@ fi
 pid=""
 if [ -s "$state/mlflow.pid" ]; then
     pid=$(cat "$state/mlflow.pid")
-    if ! kill -0 "$pid" 2>/dev/null; then
-        pid=""  # a stale file: that server is gone
+    # a stale file (that server is gone, its PID maybe reused after a reboot): start anew
+    if ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "mlflow server"; then
+        pid=""
     fi
 fi
 
