@@ -179,6 +179,20 @@ def test_job_runs_trials_on_both_nodes(local_cluster, tmp_path):
           f"start-up {c.timings}")
 
 
+def test_user_package_travels_by_py_modules(local_cluster):
+    """Without the README's --runtime-env-json, src/mypkg is shipped with the working dir but is
+    not importable (src/ is not on the path): the study stops before any trial."""
+    c = local_cluster
+    wd = _workdir(c.root, "no-py-modules")
+    argv = c.job_argv(_study_args(c.root / "models-none"), c.shared / "no-py-modules")
+    i = argv.index("--runtime-env-json")
+    proc = c.run(argv[:i] + argv[i + 2:], env=c.client_env(), cwd=wd, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "mypkg.nets:tiny_mlp" in out and "No module named 'mypkg'" in out, out[-3000:]
+    assert not (c.root / "models-none").exists()  # no trial built a model
+
+
 def test_token_is_required(local_cluster):
     c = local_cluster
     wd = _workdir(c.root, "refused")
