@@ -1,4 +1,4 @@
-"""A real two-node Ray cluster on 127.0.0.1, started from the commands the docs give.
+"""A real two-node Ray cluster on loopback addresses, started from the commands the docs give.
 
 The cluster commands live in two places that must not drift: the fenced block after
 ``<!-- granet:cluster-commands -->`` in README.md ("On a cluster") and the header of
@@ -12,12 +12,12 @@ runs those very commands with local values:
 * ``ray dashboard ray_cluster.yaml`` (an SSH port forward) is skipped: the dashboard already
   listens on 127.0.0.1 here;
 * values, never flags, are substituted: the ports (free ports instead of 6379 / 8265 / 8076 /
-  5000), the head's private IP (127.0.0.1), ``/mnt/shared`` (a temp dir) and the image's
-  checkout ``/home/ray/granet`` (this repository);
+  5000), the head's private IP (the head's loopback address), ``/mnt/shared`` (a temp dir) and
+  the image's checkout ``/home/ray/granet`` (this repository);
 * ``ray start`` loses ``--autoscaling-config`` (the launcher writes that file; no autoscaler
   here) and gains the flags two nodes on one machine need: their own ``--temp-dir``,
-  ``--num-cpus``, ``--node-ip-address=127.0.0.1`` and free ports for everything with a fixed
-  default (:data:`LOCAL_ONLY_FLAGS`).
+  ``--num-cpus``, ``--node-ip-address`` (:data:`NODE_IPS`) and free ports for everything with
+  a fixed default (:data:`LOCAL_ONLY_FLAGS`).
 
 Isolation: HOME is a temp dir (the token goes to ``$HOME/.ray/auth_token``, never the user's),
 every process started carries :data:`MARK_ENV` in its environment, and :meth:`LocalCluster.stop`
@@ -52,7 +52,7 @@ MARK_ENV = "GRANET_LOCAL_CLUSTER"
 README_MARKER = "<!-- granet:cluster-commands -->"
 YAML_BEGIN = "# granet:cluster-commands begin"
 YAML_END = "# granet:cluster-commands end"
-# How the yaml's head command finds its private IP (replaced by 127.0.0.1 here).
+# How the yaml's head command finds its private IP (replaced by NODE_IPS['head'] here).
 PRIVATE_IP_EXPR = "$(hostname -I | cut -d' ' -f1)"
 IMAGE_CHECKOUT = "/home/ray/granet"  # the Dockerfile's WORKDIR (this repository in the image)
 SHARED = "/mnt/shared"  # the yaml's shared-storage mount point
@@ -223,7 +223,8 @@ def kill_pids(pids: list[int], grace: float = 5.0) -> None:
 
 # --------------------------------------------------------------------------- the cluster
 class LocalCluster:
-    """Head + worker on 127.0.0.1 (1 CPU each unless told), token auth, an MLflow server."""
+    """Head + worker on 127.0.0.2 / 127.0.0.3 (1 CPU each unless told), token auth, the MLflow
+    server of the head's start command."""
 
     def __init__(self, bin_dir: Path, num_cpus: int = 1, root: Path | None = None) -> None:
         self.bin_dir = Path(bin_dir)
