@@ -23,6 +23,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from granet.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -51,11 +53,6 @@ REGEN_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field, the value and what is
-    allowed."""
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
