@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -374,3 +375,77 @@ def test_diverged_message_shows_the_last_finite_epoch() -> None:
         "test_acc=0.9123, val_acc=0.9, test_at_best_val=0.9, density=0.2; lower optim.lr "
         "(now 0.5) or add warm-up epochs (optim.warmup_epochs); run_dir=runs/granet-x"
     )
+
+
+# ------------------------------------------------------------------ the console
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows of ``text``: per line, ``\\r`` returns to column 0 and later text
+    overwrites earlier text; trailing blanks dropped."""
+    out = []
+    for line in text.split("\n"):
+        cells: list[str] = []
+        for seg in line.split("\r"):
+            cells[: len(seg)] = list(seg)
+        out.append("".join(cells).rstrip())
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+def test_train_console_start_line_bar_and_done(tmp_path, capsys) -> None:
+    """Without --quiet: one start line (model, parameter counts, device, run directory), a bar
+    whose numbers are those of the epoch it counts, cleared at the end; then `done:`. A re-run
+    says from which epoch it resumes."""
+    from granet.trainer import Trainer
+
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "runs"
+    argv = ["train", str(cfg_path), "--set", f"run.output_dir={out}"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    cfg = load_config(cfg_path, [f"run.output_dir={out}"])
+    run = out / f"granet-{config_hash(cfg)}"
+
+    # the numbers of the start line, independently: the model's parameters and the weights of
+    # the layers the engine masks (the five conv/linear layers of cnn1d)
+    model = Trainer(cfg, run_dir=tmp_path / "unused", write=False).model
+    n_params = sum(p.numel() for p in model.parameters())
+    masked = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
+    n_prunable = sum(model.get_parameter(f"{m}.weight").numel() for m in masked)
+    assert n_prunable < n_params  # biases are not masked
+    numel = {r["layer"]: r["numel"] for r in pq.read_table(run / "layers.parquet").to_pylist()}
+    assert sum(numel.values()) == n_prunable  # the layers the run masked are those five
+    lines = captured.err.split("\n")
+    assert lines[0] == (
+        f"granet train: model cnn1d on mnist1d, {n_params:,} parameters ({n_prunable:,} "
+        f"prunable at density 1.0000, granet to 0.1), 4 epochs, device cpu, "
+        f"run directory {run}"
+    )
+    assert not list(tmp_path.glob("unused*"))
+
+    # every bar draw that counts n epochs shows epoch n's numbers
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    draws = re.findall(r"(\d)/4 \[[^\]]*\]?[^\r\n]*?loss=([0-9.]+), val=([0-9.]+), "
+                       r"test=([0-9.]+), density=([0-9.]+)", captured.err)
+    assert {int(d[0]) for d in draws} == {1, 2, 3, 4}
+    for n, loss, val, test, dens in draws:
+        r = rows[int(n) - 1]
+        assert (loss, val, test, dens) == (f"{r['train_loss']:.3f}", f"{r['val_acc']:.3f}",
+                                           f"{r['test_acc']:.3f}", f"{r['density']:.4f}")
+    # the bar is cleared at the end: the screen holds the start line only, no 4/4 bar
+    assert _screen(captured.err) == [lines[0]]
+    assert captured.out.startswith("done: epoch=4 ") and f"run_dir={run}" in captured.out
+    assert len(captured.out.strip().splitlines()) == 1
+
+    # a re-run resumes from its checkpoint and says at which epoch
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert _screen(again.err)[0] == (
+        f"resuming {run} from its checkpoint at epoch 4 of 4 (nothing left to train)")
+    assert _screen(again.err)[1].startswith("granet train: model cnn1d on mnist1d, ")
+    assert "at density 0.1000" in _screen(again.err)[1]  # the checkpoint's masks
+    assert len(_screen(again.err)) == 2
