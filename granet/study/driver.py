@@ -330,7 +330,7 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
     started = tn.ensure_ray(address)
     try:
         if address:
-            tn.check_cluster_resources(study)
+            tn.check_cluster_resources(study, say=run.say)
         tracker = StudyTracker(uri, experiment=study.experiment, study=study.name,
                                kind=study.kind,
                                artifact_root=paths.mlflow_artifacts if local_store else None)
