@@ -93,16 +93,17 @@ def verdict(rows: list[dict[str, Any]], sparsity: float) -> list[str]:
     granets = sorted(k for k in means if k.lower().startswith("granet"))
     pairs = [("Static", "SET", "<"), ("SET", "RigL", "<=")]
     pairs += [("RigL", g, "<") for g in granets]
-    ok_all = True
+    ok_all, missing = True, False
     for a, b, op in pairs:
         if a not in means or b not in means:
             out.append(f"  {a} {op} {b}: not measured")
+            missing = True
             continue
         ok = means[a] < means[b] if op == "<" else means[a] <= means[b]
         ok_all &= ok
         out.append(f"  {a} {op} {b}: {'yes' if ok else 'NO'} "
                    f"({100 * means[a]:.2f} vs {100 * means[b]:.2f})")
-    holds = "holds" if ok_all else "does not hold"
+    holds = "does not hold" if not ok_all else "not measured" if missing else "holds"
     out.append(f"  paper's ordering Static < SET <= RigL < GraNet: {holds}")
     return out
 
