@@ -73,6 +73,10 @@ class DataConfig:
         "mnist1d/fake: number of samples generated (None: default)", None
     )
     augment: bool = _help("CIFAR: random crop + horizontal flip", True)
+    drop_last: bool = _help(
+        "skip the last partial training batch of each epoch (false: every sample is trained "
+        "each epoch, ceil(n / batch_size) steps, as the reference code)", False
+    )
 
 
 @dataclass
