@@ -202,7 +202,7 @@ def scan_table(study_dir: str | Path, table: str,
         return ds.dataset([str(f) for f in files], schema=schema,
                           format="parquet").to_table(), {}
     except (pa.ArrowException, OSError):
-        pass
+        log.debug("granet: an unreadable file under %s: reading its files one by one", root)
     parts, bad = [], {}
     for f in files:  # find the unreadable ones
         try:
