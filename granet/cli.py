@@ -17,30 +17,49 @@ __all__ = ["main"]
 
 
 class ProgressBar:
-    """tqdm over epochs: loss, accuracy, density (a trainer callback)."""
+    """tqdm over epochs (a trainer callback). After each epoch the bar shows the epochs done
+    and that epoch's train loss, validation and test accuracy and density; it is cleared when
+    training ends (the caller prints the result instead of a full bar)."""
 
     def __init__(self, total: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, file=sys.stderr,
+                        leave=False)
 
     def on_train_start(self, trainer: Any) -> None:
         self.bar.n = trainer.epoch
         self.bar.refresh()
 
     def on_epoch_end(self, trainer: Any, rec: dict[str, Any]) -> None:
-        self.bar.update(1)
+        # postfix first, then the count: one draw shows epoch n with epoch n's numbers
         self.bar.set_postfix(
-            loss=f"{rec['train_loss']:.3f}",
-            val=f"{rec['val_acc']:.3f}",
-            test=f"{rec['test_acc']:.3f}",
-            density=f"{rec['density']:.4f}",
+            {"loss": f"{rec['train_loss']:.3f}", "val": f"{rec['val_acc']:.3f}",
+             "test": f"{rec['test_acc']:.3f}", "density": f"{rec['density']:.4f}"},
+            refresh=False,
         )
+        self.bar.update(rec["epoch"] - self.bar.n)
+        self.bar.refresh()
 
     def on_checkpoint(self, trainer: Any, path: Path, rec: dict[str, Any]) -> None: ...
 
     def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
-        self.bar.close()
+        self.bar.close()  # leave=False: the bar's line is cleared
+
+
+def start_line(trainer: Any) -> str:
+    """What ``granet train`` is about to do: model, parameter counts, device, run directory."""
+    cfg, engine = trainer.cfg, trainer.engine
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    prunable = sum(engine.sizes)
+    if cfg.sparsity.method == "dense":
+        sparse = f"{prunable:,} prunable, dense"
+    else:
+        sparse = (f"{prunable:,} prunable at density {engine.density():.4f}, "
+                  f"{cfg.sparsity.method} to {cfg.sparsity.final_density:g}")
+    return (f"granet train: model {cfg.model.name} on {cfg.data.name}, {n_params:,} parameters "
+            f"({sparse}), {cfg.run.epochs} epochs, device {trainer.device}, "
+            f"run directory {trainer.paths.root}")
 
 
 def _fmt(v: Any) -> str:
@@ -95,8 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.paths.checkpoint.unlink()
     elif trainer.paths.checkpoint.exists():
         trainer.try_resume()  # a checkpoint that cannot be resumed fails here, before any write
-        print(f"resuming {trainer.paths.root} from its checkpoint", file=sys.stderr)
+        left = ("nothing left to train" if trainer.epoch >= cfg.run.epochs
+                else f"continuing with epoch {trainer.epoch + 1}")
+        print(f"resuming {trainer.paths.root} from its checkpoint at epoch {trainer.epoch} of "
+              f"{cfg.run.epochs} ({left})", file=sys.stderr)
     if not args.quiet:  # only once every check passed: an error is then the only output
+        print(start_line(trainer), file=sys.stderr, flush=True)
         trainer.callbacks.append(ProgressBar(cfg.run.epochs))
     try:
         summary = trainer.fit(resume=False)
@@ -146,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted override, e.g. --set sparsity.final_density=0.05 (repeatable)")
     t.add_argument("--run-dir", default=None, help="run directory (default: output_dir/<hash>)")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no start line, no progress bar")
     t.set_defaults(func=cmd_train)
 
     lay = sub.add_parser(

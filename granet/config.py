@@ -23,6 +23,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from granet.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -53,11 +55,6 @@ LR_SCHEDULES = ("multistep", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field, the value and what is
-    allowed."""
-
-
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": text})
@@ -76,6 +73,10 @@ class DataConfig:
         "mnist1d/fake: number of samples generated (None: default)", None
     )
     augment: bool = _help("CIFAR: random crop + horizontal flip", True)
+    drop_last: bool = _help(
+        "skip the last partial training batch of each epoch (false: every sample is trained "
+        "each epoch, ceil(n / batch_size) steps, as the reference code)", False
+    )
 
 
 @dataclass

@@ -63,6 +63,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from granet.errors import ConfigError
+
 __all__ = [
     "DIGITS_SPLIT_SEED",
     "IN_MEMORY_MAX_BYTES",
@@ -467,8 +469,6 @@ def is_user_data(name: str) -> bool:
 
 
 def _user_error(name: str, what: str) -> Exception:
-    from granet.config import ConfigError
-
     return ConfigError(f"data.name={name!r}: {what}")
 
 

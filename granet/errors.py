@@ -1,11 +1,17 @@
-"""How a granet command ends: one line for the errors a user can act on, and an exit status."""
+"""The error a user can fix by changing input (:class:`ConfigError`), and how a granet command
+ends: one line for the errors a user can act on, and an exit status."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-__all__ = ["run_command"]
+__all__ = ["ConfigError", "run_command"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field, the value and what is
+    allowed."""
 
 
 def _error(msg: Any, code: int) -> int:

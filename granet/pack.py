@@ -62,6 +62,7 @@ def check_packable(trainers: Sequence[Trainer]) -> None:
                              "nothing themselves (build them with write=False)")
         for what, a, b in (
             ("data.batch_size", t.cfg.data.batch_size, lead.cfg.data.batch_size),
+            ("data.drop_last", t.cfg.data.drop_last, lead.cfg.data.drop_last),
             ("run.seed", t.cfg.run.seed, lead.cfg.run.seed),
             ("epoch", t.epoch, lead.epoch),
             ("device", t.device, lead.device),
@@ -228,7 +229,7 @@ class ProbePack:
         # The same batches Trainer.train_epoch draws (same generator, same call).
         for x, y in iterate_batches(
             lead.data.train, lead.cfg.data.batch_size, shuffle=True, generator=gen,
-            augment=lead.data.augment, drop_last=True,
+            augment=lead.data.augment, drop_last=lead.cfg.data.drop_last,
         ):
             for m in live:
                 if m.failed is not None:
@@ -431,7 +432,7 @@ class _VmapState:
         gen = _epoch_generator(lead.cfg.run.seed, epoch)
         for x, y in iterate_batches(
             lead.data.train, lead.cfg.data.batch_size, shuffle=True, generator=gen,
-            augment=lead.data.augment, drop_last=True,
+            augment=lead.data.augment, drop_last=lead.cfg.data.drop_last,
         ):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=lead.use_bf16):
                 losses, out = batched({n: self.params[n] for n in names},

@@ -165,7 +165,10 @@ class Trainer:
                 f"data.batch_size={cfg.data.batch_size}: larger than the training set "
                 f"({n_train} samples)"
             )
-        self.steps_per_epoch = n_train // cfg.data.batch_size  # drop_last: every step full-size
+        # Every training sample each epoch, the last batch partial (as the reference's loader);
+        # data.drop_last skips that batch.
+        bs = cfg.data.batch_size
+        self.steps_per_epoch = n_train // bs if cfg.data.drop_last else -(-n_train // bs)
 
         torch.manual_seed(cfg.run.seed)  # model init
         try:
@@ -311,7 +314,7 @@ class Trainer:
         events = pruned = regrown = 0
         for x, y in iterate_batches(
             self.data.train, cfg.data.batch_size, shuffle=True, generator=gen,
-            augment=self.data.augment, drop_last=True,
+            augment=self.data.augment, drop_last=cfg.data.drop_last,
         ):
             out = self._forward(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)

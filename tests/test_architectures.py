@@ -284,7 +284,8 @@ def test_flops_match_flop_counter_mode_on_user_models(arch):
 
 
 REGISTRY_SHAPES = {
-    "mlp": (1, 40), "cnn1d": (1, 40), "cnn_digits": (1, 8, 8), "transformer1d": (1, 40),
+    "mlp": (1, 40), "cnn1d": (1, 40), "cnn1d_nobn": (1, 40), "cnn_digits": (1, 8, 8),
+    "transformer1d": (1, 40),
     "resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32),
     "vgg11": (3, 32, 32), "vgg16": (3, 32, 32), "vgg19": (3, 32, 32),
 }

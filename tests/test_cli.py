@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,7 +21,8 @@ from granet.config import config_hash, load_config
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "mnist1d_granet.yaml"
 
-# A small GraNet run: 2000 MNIST-1D samples (1440 train -> 11 steps/epoch), 4 epochs.
+# A small GraNet run: 2000 MNIST-1D samples (1440 train -> 12 steps/epoch, the last of 32), 4
+# epochs.
 SMALL = {
     "data": {"name": "mnist1d", "num_samples": 2000, "batch_size": 128},
     "model": {"name": "cnn1d"},
@@ -72,16 +74,16 @@ BAD_SETS: list[tuple[str, list[str], list[str]]] = [
     ("bool_wrong", ["optim.nesterov=maybe"], ["optim.nesterov='maybe'", "must be a boolean"]),
     ("list_wrong", ["optim.milestones=5"], ["optim.milestones=5", "must be a list"]),
     ("milestone_beyond_epochs", ["optim.schedule=multistep", "optim.milestones=[20, 50]"],
-     ["optim.milestones=[20, 50]", "must lie in [1, run.epochs=40]"]),
+     ["optim.milestones=[20, 50]", "must lie in [1, run.epochs=30]"]),
     ("milestones_not_increasing", ["optim.milestones=[30, 20]"],
      ["optim.milestones=[30, 20]", "must be strictly increasing"]),
     ("gamma_zero", ["optim.gamma=0"], ["optim.gamma=0.0", "must be in (0.0, 1.0]"]),
     ("growth", ["sparsity.growth=x"],
      ["sparsity.growth='x'", "must be one of gradient, random, momentum"]),
     ("prune_end_beyond_epochs", ["sparsity.prune_end_epoch=50"],
-     ["sparsity.prune_end_epoch=50.0", "(sparsity.prune_start_epoch=0.0, run.epochs=40]"]),
+     ["sparsity.prune_end_epoch=50.0", "(sparsity.prune_start_epoch=0.0, run.epochs=30]"]),
     ("prune_end_not_after_start", ["sparsity.prune_start_epoch=10", "sparsity.prune_end_epoch=10"],
-     ["sparsity.prune_end_epoch=10.0", "(sparsity.prune_start_epoch=10.0, run.epochs=40]"]),
+     ["sparsity.prune_end_epoch=10.0", "(sparsity.prune_start_epoch=10.0, run.epochs=30]"]),
     ("update_interval_zero", ["sparsity.update_interval=0"],
      ["sparsity.update_interval=0", "must be >= 1"]),
     ("val_fraction_one", ["data.val_fraction=1.0"],
@@ -237,7 +239,7 @@ def test_train_writes_the_run_directory(trained, capsys) -> None:
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert METRIC_COLUMNS <= set(rows[0])
-    assert [r["step"] for r in rows] == [11, 22, 33, 44]
+    assert [r["step"] for r in rows] == [12, 24, 36, 48]
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.05, 0.005])
     for r in rows:
         for key in ("train_loss", "train_acc", "val_acc", "test_acc", "train_flops"):
@@ -251,14 +253,14 @@ def test_train_writes_the_run_directory(trained, capsys) -> None:
     assert all(b > a for a, b in zip(flops, flops[1:], strict=False))
     assert rows[-1]["inference_flops_ratio"] < 0.5
     assert rows[-1]["itop_rate"] > rows[-1]["density"]
-    assert sum(r["mask_events"] for r in rows) == 11  # floor(44 / 4) update events
+    assert sum(r["mask_events"] for r in rows) == 12  # 48 / 4 update events
     assert rows[-1]["pruned_total"] > 0 and rows[-1]["regrown_total"] > 0
     best = max(rows, key=lambda r: r["val_acc"])
     assert rows[-1]["best_val_acc"] == best["val_acc"]
 
     # layers: one row per (epoch, layer); its densities add up to the global one.
     layers = pq.read_table(run / "layers.parquet").to_pylist()
-    names_l = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
+    names_l = ["features.0", "features.3", "features.7", "classifier.1", "classifier.3"]
     assert len(layers) == 4 * len(names_l)
     assert [r["layer"] for r in layers[:5]] == names_l
     last = [r for r in layers if r["epoch"] == 4]
@@ -267,7 +269,7 @@ def test_train_writes_the_run_directory(trained, capsys) -> None:
 
     # checkpoint: loadable without unpickling arbitrary objects; epoch, step and masks agree.
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 4 and ckpt["step"] == 44
+    assert ckpt["epoch"] == 4 and ckpt["step"] == 48
     assert ckpt["meta"]["config_hash"] == config_hash(cfg)
     masks = ckpt["engine"]["masks"]
     assert sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks) == dens[-1]
@@ -374,3 +376,77 @@ def test_diverged_message_shows_the_last_finite_epoch() -> None:
         "test_acc=0.9123, val_acc=0.9, test_at_best_val=0.9, density=0.2; lower optim.lr "
         "(now 0.5) or add warm-up epochs (optim.warmup_epochs); run_dir=runs/granet-x"
     )
+
+
+# ------------------------------------------------------------------ the console
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows of ``text``: per line, ``\\r`` returns to column 0 and later text
+    overwrites earlier text; trailing blanks dropped."""
+    out = []
+    for line in text.split("\n"):
+        cells: list[str] = []
+        for seg in line.split("\r"):
+            cells[: len(seg)] = list(seg)
+        out.append("".join(cells).rstrip())
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+def test_train_console_start_line_bar_and_done(tmp_path, capsys) -> None:
+    """Without --quiet: one start line (model, parameter counts, device, run directory), a bar
+    whose numbers are those of the epoch it counts, cleared at the end; then `done:`. A re-run
+    says from which epoch it resumes."""
+    from granet.trainer import Trainer
+
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "runs"
+    argv = ["train", str(cfg_path), "--set", f"run.output_dir={out}"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    cfg = load_config(cfg_path, [f"run.output_dir={out}"])
+    run = out / f"granet-{config_hash(cfg)}"
+
+    # the numbers of the start line, independently: the model's parameters and the weights of
+    # the layers the engine masks (the five conv/linear layers of cnn1d)
+    model = Trainer(cfg, run_dir=tmp_path / "unused", write=False).model
+    n_params = sum(p.numel() for p in model.parameters())
+    n_prunable = sum(m.weight.numel() for m in model.modules()
+                     if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)))
+    assert n_prunable < n_params  # biases are not masked
+    numel = {r["layer"]: r["numel"] for r in pq.read_table(run / "layers.parquet").to_pylist()}
+    assert sum(numel.values()) == n_prunable  # the layers the run masked are those five
+    lines = captured.err.split("\n")
+    assert lines[0] == (
+        f"granet train: model cnn1d on mnist1d, {n_params:,} parameters ({n_prunable:,} "
+        f"prunable at density 1.0000, granet to 0.1), 4 epochs, device cpu, "
+        f"run directory {run}"
+    )
+    assert not list(tmp_path.glob("unused*"))
+
+    # every bar draw that counts n epochs shows epoch n's numbers
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    draws = re.findall(r"(\d)/4 \[[^\]]*\]?[^\r\n]*?loss=([0-9.]+), val=([0-9.]+), "
+                       r"test=([0-9.]+), density=([0-9.]+)", captured.err)
+    assert {int(d[0]) for d in draws} == {1, 2, 3, 4}
+    for n, loss, val, test, dens in draws:
+        r = rows[int(n) - 1]
+        assert (loss, val, test, dens) == (f"{r['train_loss']:.3f}", f"{r['val_acc']:.3f}",
+                                           f"{r['test_acc']:.3f}", f"{r['density']:.4f}")
+    # the bar is cleared at the end: the screen holds the start line only, no 4/4 bar
+    assert _screen(captured.err) == [lines[0]]
+    assert captured.out.startswith("done: epoch=4 ") and f"run_dir={run}" in captured.out
+    assert len(captured.out.strip().splitlines()) == 1
+
+    # a re-run resumes from its checkpoint and says at which epoch
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert _screen(again.err)[0] == (
+        f"resuming {run} from its checkpoint at epoch 4 of 4 (nothing left to train)")
+    assert _screen(again.err)[1].startswith("granet train: model cnn1d on mnist1d, ")
+    assert "at density 0.1000" in _screen(again.err)[1]  # the checkpoint's masks
+    assert len(_screen(again.err)) == 2

@@ -153,7 +153,7 @@ def test_hash_differs_when_a_value_differs() -> None:
         "optim.lr=0.051",
         "run.seed=1",
         "sparsity.method=gmp",
-        "optim.milestones=[20, 31]",
+        "optim.milestones=[20, 29]",
         "model.kwargs={width: 2.0}",
         "sparsity.growth=random",
     ]

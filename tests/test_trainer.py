@@ -66,9 +66,10 @@ class StopAt(Callback):
             trainer.stop = True
 
 
-# 2000 MNIST-1D samples: 1440 train -> 11 steps/epoch, 66 steps in 6 epochs. Δt = 4 steps and
-# pruning over epochs 0..5: prune + regeneration events at steps 4, 8, ..., 52, regeneration only
-# at 56, 60, 64; the split after epoch 3 (step 33) has both kinds on both sides.
+# 2000 MNIST-1D samples: 1440 train -> 12 steps/epoch (11 of 128, one of 32), 72 steps in 6
+# epochs. Δt = 4 steps and pruning over epochs 0..5 (steps 0..60): prune + regeneration events at
+# steps 4, 8, ..., 60, regeneration only at 64, 68, 72; the split after epoch 3 (step 36) has both
+# kinds on both sides.
 RESUME_BASE = {
     "data": {"name": "mnist1d", "num_samples": 2000},
     "model": {"name": "cnn1d", "kwargs": {"width": 0.5}},
@@ -114,7 +115,7 @@ def test_resume_in_a_new_process_is_exact(variant: str, tmp_path: Path) -> None:
     first_rows = pq.read_table(split_dir / "metrics.parquet").to_pylist()
     assert [r["epoch"] for r in first_rows] == [1, 2, 3]
     at3 = load_checkpoint(split_dir / "checkpoint.pt")
-    assert at3["epoch"] == 3 and at3["step"] == 33
+    assert at3["epoch"] == 3 and at3["step"] == 36
     # ... whose state is the straight run's state at epoch 3.
     straight3 = load_checkpoint(straight_dir / "ckpt-epoch0003.pt")
     for key in ("model", "optimizer", "engine", "rng", "step", "epoch"):
@@ -133,7 +134,7 @@ def test_resume_in_a_new_process_is_exact(variant: str, tmp_path: Path) -> None:
 
     a = load_checkpoint(straight_dir / "checkpoint.pt")
     b = load_checkpoint(split_dir / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"] == 66
+    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"] == 72
     # Weights, masks, ever-active masks, engine generator, optimizer state, RNG: bit for bit.
     for key in ("model", "optimizer", "engine", "rng", "meta"):
         assert_same(a[key], b[key], key)
@@ -228,7 +229,7 @@ def test_in_memory_run_writes_nothing_and_records_epochs(tmp_path: Path) -> None
     summary = trainer.fit()
     assert not (tmp_path / "runs").exists()
     assert [h["epoch"] for h in trainer.history] == [1, 2]
-    assert [h["step"] for h in trainer.history] == [11, 22]
+    assert [h["step"] for h in trainer.history] == [12, 24]
     assert [h["lr"] for h in trainer.history] == pytest.approx([0.1, 0.01])
     # static: the ERK mask drawn at start never changes.
     assert summary["density"] == trainer.history[0]["density"] == pytest.approx(0.1, abs=1e-3)
@@ -260,9 +261,10 @@ def test_probe_branches_from_a_checkpoint(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ divergence
 
-# sklearn digits and a one-hidden-layer MLP: 10 steps per epoch, a few ms each.
+# sklearn digits and a one-hidden-layer MLP: 10 full steps per epoch (the partial last batch
+# dropped, so the step counts below are round), a few ms each.
 DIGITS = ["data.name=digits", "model.name=mlp", "model.kwargs={hidden: [32]}",
-          "optim.schedule=constant", "data.batch_size=128"]
+          "optim.schedule=constant", "data.batch_size=128", "data.drop_last=true"]
 
 
 class Poison(Callback):
@@ -458,3 +460,102 @@ def test_test_at_best_val_is_the_test_accuracy_of_the_best_validation_epoch() ->
         assert rec["test_at_best_val"] == h[best]["test_acc"], (i, best)
         differs += h[best]["test_acc"] != rec["test_acc"]
     assert differs >= 1  # the run exercises the case where best and current epochs differ
+
+
+# --------------------------------------------------------------------------------------------
+# Every training sample each epoch (the partial last batch), as the reference's loader
+
+
+def _index_dataset(n_train: int) -> Any:
+    """A data set whose input carries its own index, so a hook can tell which samples trained."""
+    from granet.data import Dataset, Split
+
+    def split(n: int, offset: int) -> Split:
+        x = torch.zeros(n, 1, 2)
+        x[:, 0, 0] = torch.arange(n, dtype=torch.float32) + offset
+        return Split(x, torch.arange(n) % 10)
+
+    return Dataset(name="index", train=split(n_train, 0), val=split(0, 0),
+                   test=split(20, 10**6), num_classes=10, input_shape=(1, 2), augment=None)
+
+
+class _SeenSamples:
+    """Forward pre-hook recording the index of every sample the model sees in train mode."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.batches: list[torch.Tensor] = []
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            self.batches.append(args[0][:, 0, 0].long().clone())
+
+
+def _index_trainer(n_train: int, extra: list[str]) -> Trainer:
+    cfg = load_config(None, [
+        "model.name=mlp", "model.kwargs={hidden: [4]}", "run.epochs=2", "optim.milestones=[1]",
+        "sparsity.update_interval=100", "sparsity.prune_end_epoch=1", "run.dead_unit_eval=false",
+        *extra,
+    ])
+    return Trainer(cfg, write=False, dataset=_index_dataset(n_train))
+
+
+def test_cifar10_epoch_is_352_steps_and_trains_every_sample() -> None:
+    """CIFAR-10 with a 10 % validation split: 45,000 training samples, batch 128 ->
+    ceil(45000 / 128) = 352 steps per epoch (the reference's 352; 351 batches of 128 and one of
+    72), and the engine's schedule counts the same steps."""
+    trainer = _index_trainer(45_000, [])
+    assert trainer.steps_per_epoch == 352
+    assert trainer.engine.steps_per_epoch == 352
+    assert trainer.engine.total_steps == 2 * 352
+    # GraNet's pruning window ends at epoch 1 = step 352 (not 351).
+    assert trainer.engine.window.end == 352
+    seen = _SeenSamples(trainer.model)
+    trainer.fit()
+    assert trainer.engine.step_count == 704
+    assert [h["step"] for h in trainer.history] == [352, 704]
+    first_epoch = seen.batches[:352]
+    assert [len(b) for b in first_epoch] == [128] * 351 + [72]
+    # Every training sample exactly once per epoch, in a different order each epoch.
+    for epoch in (seen.batches[:352], seen.batches[352:]):
+        idx = torch.cat(epoch)
+        assert len(idx) == 45_000
+        assert torch.equal(idx.sort().values, torch.arange(45_000))
+    assert not torch.equal(torch.cat(seen.batches[:352]), torch.cat(seen.batches[352:]))
+    # r_t decays over exactly the steps taken: r_min at the last one.
+    assert trainer.history[-1]["regen_rate"] == pytest.approx(trainer.cfg.sparsity.regen_min)
+
+
+def test_drop_last_keeps_the_old_full_batches_only_epoch() -> None:
+    trainer = _index_trainer(45_000, ["data.drop_last=true"])
+    assert trainer.steps_per_epoch == trainer.engine.steps_per_epoch == 351
+    seen = _SeenSamples(trainer.model)
+    trainer.fit()
+    assert trainer.engine.step_count == 702
+    assert {len(b) for b in seen.batches} == {128}
+    first = torch.cat(seen.batches[:351])
+    assert len(first) == len(set(first.tolist())) == 351 * 128
+    assert trainer.history[-1]["regen_rate"] == pytest.approx(trainer.cfg.sparsity.regen_min)
+
+
+def test_initial_random_mask_is_independent_of_the_initial_weights() -> None:
+    """The engine's generator must not replay the stream that initialised the model (the run
+    seeds both): a random mask that kept the largest initial weights would bias every sparse
+    start (static, SET, RigL, GraNet s_i > 0)."""
+    for seed in (0, 3):
+        cfg = load_config(None, ["model.name=cnn1d", "sparsity.method=static",
+                                 "sparsity.final_density=0.5", "sparsity.distribution=uniform",
+                                 f"run.seed={seed}", "data.num_samples=600"])
+        trainer = Trainer(cfg, write=False)
+        torch.manual_seed(seed)  # the trainer's model-init state: rebuild the initial weights
+        from granet.models import build_model
+
+        init = build_model("cnn1d", num_classes=10, input_shape=(1, 40))
+        weights = [m.weight.detach() for m in init.modules()
+                   if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear))]
+        for w, mask in zip(weights, trainer.engine.masks, strict=True):
+            kept, dropped = w[mask], w[~mask]
+            # Independent halves: mean difference ~ N(0, 2 std / sqrt(n)); the correlated mask
+            # of the old seeding gave a kept-minus-dropped difference of ~1.6 std.
+            bound = 5 * w.std().item() * (4 / w.numel()) ** 0.5
+            assert abs(kept.mean().item() - dropped.mean().item()) < bound

@@ -41,6 +41,17 @@ from granet.sparse.prune import (
 from granet.sparse.schedules import PruneWindow, gmp_sparsity, is_update_step, regen_rate
 from granet.sparse.select import classify_parameters
 
+
+def engine_seed(seed: int) -> int:
+    """The seed of the engine's generator for run seed ``seed``: a mix, never ``seed`` itself.
+
+    A run seeds ``torch.manual_seed(seed)`` before building its model; a fresh generator seeded
+    with the same number replays that uniform stream, and random masks are the top-k of uniform
+    scores drawn layer by layer in the order the weights were initialised, so they kept exactly
+    the largest initial weights of each layer (a sign-biased mask, not a random one).
+    """
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (2**63 - 1)
+
 __all__ = [
     "SparseEngine",
     "MaskedLayer",
@@ -162,7 +173,7 @@ class SparseEngine:
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = self.steps_per_epoch * int(epochs)
         self.batch_size = int(batch_size)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(engine_seed(seed))
         self.step_count = 0
         self.train_flops = 0.0
         self.pruned_total = 0

@@ -295,6 +295,14 @@ def _require(data: dict[str, Any], name: str, types: tuple[type, ...], where: st
     return value
 
 
+def _known_fields(cls: type, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise TrialSpecError(f"{where}={data!r}: must be a mapping")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TrialSpecError(f"{where}.{unknown[0]}: unknown field")
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
     """A plasticity probe: where it branches from and what it does at the branch.
@@ -323,11 +331,7 @@ class ProbeSpec:
     @classmethod
     def from_dict(cls, data: Any) -> ProbeSpec:
         where = "trial.probe"
-        if not isinstance(data, dict):
-            raise TrialSpecError(f"{where}={data!r}: must be a mapping")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TrialSpecError(f"{where}.{unknown[0]}: unknown field")
+        _known_fields(cls, data, where)
         num = (int, float)
         kw = {
             "trunk_key": _require(data, "trunk_key", (str,), where),
@@ -394,11 +398,7 @@ class TrialSpec:
     def from_dict(cls, data: Any) -> TrialSpec:
         """Check a trial dict (as Tune hands it to the trainable) against the contract."""
         where = "trial"
-        if not isinstance(data, dict):
-            raise TrialSpecError(f"{where}={data!r}: must be a mapping")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TrialSpecError(f"{where}.{unknown[0]}: unknown field")
+        _known_fields(cls, data, where)
         probe = data.get("probe")
         save = _require(data, "save_epochs", (list, tuple), where, optional=True) or ()
         if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in save):

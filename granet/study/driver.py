@@ -214,8 +214,10 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
         grid = run_tuner(run.study, experiment=exp["name"], storage=run.paths.ray,
                          trainable=trainable, restore=True,
                          callbacks=[*callbacks, progress(len(units))])
-        _account(run, stage.name, grid, len(left), len(units))
-        wanted -= run.finished_keys(stage.name)
+        finished = run.finished_keys(stage.name)
+        # count what the restore ran: trials it finished (errors are counted as failed)
+        _account(run, stage.name, grid, len(left), len(units), ran=len(left & finished))
+        wanted -= finished
     todo = [t for t in stage.trials if t.key in wanted]
     if not todo:
         return
@@ -268,17 +270,18 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
 
 
 def _account(run: StudyRun, stage: str, grid: Any, launched: int,
-             tune_trials: int | None = None) -> None:
-    """Count ``launched`` trials (carried by ``tune_trials`` Tune trials: fewer with packs) and
-    the failed ones: every unfinished trial of a Tune trial that errored."""
+             tune_trials: int | None = None, ran: int | None = None) -> None:
+    """Count ``launched`` trials (carried by ``tune_trials`` Tune trials: fewer with packs; a
+    restore counts the ``ran`` it finished) and the failed ones: every unfinished trial of a Tune
+    trial that errored."""
     from granet.study.tune.tuner import errored_trial_keys, tune_outcome
 
     ended, errors, interrupted = tune_outcome(grid, launched if tune_trials is None
                                               else tune_trials)
-    run.launched[stage] += launched
     if errors:
         keys = errored_trial_keys(grid)
         errors = len(keys - run.finished_keys(stage)) if keys else errors
+    run.launched[stage] += launched if ran is None else ran + errors
     run.failed[stage] += errors
     if interrupted:
         done = len(run.finished_keys(stage))
@@ -341,25 +344,28 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
     from granet.study.tune import tuner as tn
 
     study, paths = run.study, run.paths
-    # While Ray starts (seconds), open the parent MLflow run (a new sqlite store migrates its
-    # schema: seconds too) and write the data set cache the workers read, in two threads.
-    # (mnist1d draws from numpy's global RNG, which neither Ray's start nor MLflow touch; a
-    # user data set is never generated here.)
-    tracker_job = _Background(lambda: _open_tracker(run, uri, local_store))
+    # While a local Ray starts (seconds), open the parent MLflow run (a new sqlite store
+    # migrates its schema: seconds too) and write the data set cache the workers read, in two
+    # threads. (mnist1d draws from numpy's global RNG, which neither Ray's start nor MLflow
+    # touch; a user data set is never generated here.) On a cluster, its resources are checked
+    # first: a trial no node can hold is refused before any MLflow run exists.
+    tracker_job = None if address else _Background(lambda: _open_tracker(run, uri, local_store))
     data_job = _Background(lambda: _prepare_data(study, paths))
     try:
         started = tn.ensure_ray(address)
         data_job.result()
     except BaseException as exc:
         data_job.result(swallow=True)
-        made = tracker_job.result(swallow=True)
+        made = tracker_job.result(swallow=True) if tracker_job is not None else None
         if made is not None:
             _close(made, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     try:
         if address:
-            tn.check_cluster_resources(study)
-        tracker = tracker_job.result()
+            tn.check_cluster_resources(study, say=run.say)
+            tracker = _open_tracker(run, uri, local_store)
+        else:
+            tracker = tracker_job.result()
         run.tracker = tracker
         from granet.study.base import study_to_dict
 
@@ -367,6 +373,8 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
                           json.dumps(study_to_dict(study), indent=2, default=str))
         ctx = TrialContext(study_dir=str(paths.root), tracking=tracker.tracking_info(),
                            num_threads=max(1, int(study.cpus_per_trial)))
+        for reason in results.forget_unreadable(paths.root).values():
+            run.say(f"results file {reason}: its trial will run again")
         try:
             for stage in study.plan(run):
                 if isinstance(stage, GridStage):

@@ -90,6 +90,7 @@ __all__ = [
     "finished_keys",
     "scan_table",
     "forget_trial",
+    "forget_unreadable",
     "trial_status",
     "trial_statuses",
 ]
@@ -122,7 +123,7 @@ SCHEMAS: dict[str, pa.Schema] = {
          ("config_json", _S), ("spec_json", _S), ("method", _S), ("seed", _I), ("epochs", _I)]
         + [(m, _F) for m in FINAL_METRICS]
         + [("wall_seconds", _F), ("resumed_from", _I),
-           ("finished_at", pa.timestamp("ms", tz="UTC"))]
+           ("finished_at", pa.timestamp("ms", tz="UTC")), ("message", _S)]
     ),
     "epochs": pa.schema(
         [("key", _S), ("study", _S), ("stage", _S), ("epoch", _I), ("step", _I)]
@@ -201,7 +202,7 @@ def scan_table(study_dir: str | Path, table: str,
         return ds.dataset([str(f) for f in files], schema=schema,
                           format="parquet").to_table(), {}
     except (pa.ArrowException, OSError):
-        pass
+        log.debug("granet: an unreadable file under %s: reading its files one by one", root)
     parts, bad = [], {}
     for f in files:  # find the unreadable ones
         try:
@@ -261,6 +262,20 @@ def trial_status(study_dir: str | Path, stage: str, key: str) -> str | None:
     except (pa.ArrowException, OSError):
         return None
     return rows[0] if rows else None
+
+
+def forget_unreadable(study_dir: str | Path) -> dict[str, str]:
+    """Forget (see :func:`forget_trial`) every trial one of whose results files is unreadable;
+    ``{key: reason}`` of those trials. Their next run rewrites every file."""
+    bad: dict[str, str] = {}
+    for name in TABLES:
+        root = StudyPaths(study_dir).table_dir(name)
+        for stage_dir in sorted(root.glob("stage=*")) if root.is_dir() else []:
+            stage = stage_dir.name[len("stage="):]
+            for key, reason in scan_table(study_dir, name, stage)[1].items():
+                bad.setdefault(key, reason)
+                forget_trial(study_dir, stage, key)
+    return bad
 
 
 def forget_trial(study_dir: str | Path, stage: str, key: str) -> None:

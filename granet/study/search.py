@@ -260,6 +260,9 @@ def _link_mlflow(tracker: Any, ost: Any) -> dict[str, str]:
             continue
         tracker.client.set_tag(run.info.run_id, "optuna.number", str(t.number))
         tracker.client.set_tag(run.info.run_id, "optuna.state", t.state.name)
-        if t.state == TrialState.PRUNED and run.info.status != "KILLED":
-            tracker.client.set_terminated(run.info.run_id, status="KILLED")
+        if t.state == TrialState.PRUNED:
+            # the trial tags itself when Tune stops it, unless its actor is gone first
+            tracker.client.set_tag(run.info.run_id, "granet.pruned", "true")
+            if run.info.status != "KILLED":
+                tracker.client.set_terminated(run.info.run_id, status="KILLED")
     return {k: r.info.run_id for k, r in by_key.items() if k}

@@ -39,9 +39,10 @@ def test_pruned_aware_searcher_tells_pruned_complete_fail(tmp_path):
     a full one COMPLETE, an errored one FAIL; Ray's own OptunaSearch says COMPLETE (the gotcha)."""
     from ray.tune.search.optuna import OptunaSearch
 
-    base = {"sparsity": dict(TINY_TRAIN["sparsity"], regen_ratio=0.5, regen_min=0.005,
-                             regen_decay="cosine"), "run": {"epochs": 3},
-            "data": TINY_TRAIN["data"], "model": TINY_TRAIN["model"]}
+    from granet.config import config_from_dict, config_to_dict
+
+    base = config_to_dict(config_from_dict(dict(TINY_TRAIN, sparsity=dict(
+        TINY_TRAIN["sparsity"], regen_ratio=0.5, regen_min=0.005, regen_decay="cosine"))))
     fn = SpaceFunction(TINY_SPACE, base, 0.5, "unit")
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
     s = PrunedAwareOptunaSearch(space=fn, metric="acc", mode="max", study_name="unit",

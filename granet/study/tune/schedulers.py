@@ -40,10 +40,15 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         super().on_trial_result(trial_id, result)
-        run_id = result.get("mlflow_run_id")
+        self._link(trial_id, result)
+
+    def _link(self, trial_id: str, result: dict[str, Any] | None) -> None:
+        """The Optuna trial -> its MLflow run (the trainable reports the run's id)."""
+        run_id = (result or {}).get("mlflow_run_id")
         ot_trial = self._ot_trials.get(trial_id)
-        if run_id and ot_trial is not None and "mlflow_run_id" not in ot_trial.user_attrs:
-            ot_trial.set_user_attr("mlflow_run_id", run_id)  # the Optuna trial -> its MLflow run
+        if run_id and ot_trial is not None and trial_id not in self._completed_trials \
+                and "mlflow_run_id" not in ot_trial.user_attrs:
+            ot_trial.set_user_attr("mlflow_run_id", run_id)
 
     def _iteration(self, result: dict[str, Any] | None) -> int | None:
         if not result:
@@ -57,6 +62,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         from optuna.trial import TrialState
 
+        # Tune hands a scheduler's stopping result to on_trial_complete only
+        self._link(trial_id, result)
         it = self._iteration(result)
         stopped_early = it is not None and it < self.full_iterations
         if not (error or stopped_early) or trial_id in self._completed_trials:

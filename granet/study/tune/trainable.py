@@ -1,7 +1,7 @@
 """The Ray Tune function trainable around :class:`granet.trainer.Trainer` (no second loop).
 
 Tune hands ``granet_trainable`` a config ``{"trial": TrialSpec dict, "context": TrialContext
-dict}``; a search adds its sampled ``"set:<dotted.key>"`` values and the ``"trial_key"`` /
+dict}``; a search adds its sampled values under their dotted config keys and the ``"trial_key"`` /
 ``"run_name"`` its space function derives. Both dicts are checked against the contract
 (:class:`granet.study.base.TrialSpec`) before any work.
 
@@ -53,6 +53,7 @@ log = logging.getLogger("granet")
 
 _STATE_FILE = "state.pt"
 _PACK_FILE = "pack.pt"
+_CONFIG_GROUPS = ("data", "model", "optim", "sparsity", "run")
 
 # ---------------------------------------------------------------------------------- data sets
 
@@ -170,7 +171,8 @@ def prepare_data_cache(cfg, study_dir: str | Path) -> None:
 def trial_from_tune_config(config: dict[str, Any]) -> tuple[TrialSpec, TrialContext]:
     """The checked TrialSpec and TrialContext of a Tune config (search samples merged in)."""
     trial = dict(config.get("trial") or {})
-    sets = {k[4:]: v for k, v in config.items() if k.startswith("set:")}
+    # a search's sampled values arrive as top-level dotted config keys ("sparsity.regen_ratio")
+    sets = {k: v for k, v in config.items() if k.split(".", 1)[0] in _CONFIG_GROUPS and "." in k}
     if sets:
         trial["sets"] = {**(trial.get("sets") or {}), **sets}
     for src, dst in (("trial_key", "key"), ("run_name", "run_name")):

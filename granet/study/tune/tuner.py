@@ -109,21 +109,72 @@ def grid_of(values: list[Any]) -> Any:
     return tune.grid_search(values)
 
 
-def check_cluster_resources(study: StudyConfig) -> None:
-    """On a running Ray: some node type must be able to hold one trial."""
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config
+
+
+def autoscaler_node_types(
+    path: str | Path = BOOTSTRAP_CONFIG,
+) -> dict[str, dict[str, float]] | None:
+    """The resources of each node type an autoscaler may start, from the cluster config
+    ``ray up`` writes on the head; None when this is not an autoscaling cluster."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    types = cfg.get("available_node_types") or {}
+    return {name: {k: float(v) for k, v in (t.get("resources") or {}).items()}
+            for name, t in types.items() if isinstance(t, dict)}
+
+
+def check_cluster_resources(study: StudyConfig, *, say: Any = print,
+                            bootstrap: str | Path = BOOTSTRAP_CONFIG) -> None:
+    """On a running Ray cluster: one trial's resources must fit on a node that exists now, or
+    on a node type the cluster's autoscaler can start - then the autoscaler is asked for them
+    (``request_resources``) and the trials wait for it. Refused only when no node, now or ever,
+    can hold a trial."""
     import ray
 
-    total = ray.cluster_resources()
-    if study.gpus_per_trial and total.get("GPU", 0) < study.gpus_per_trial:
+    want = {"CPU": float(study.cpus_per_trial)}
+    if study.gpus_per_trial:
+        want["GPU"] = float(study.gpus_per_trial)
+
+    def fits(res: dict[str, float]) -> bool:
+        return all(res.get(k, 0.0) >= v for k, v in want.items())
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(fits(r) for r in nodes):
+        return
+    shape = ", ".join(f"{k}: {v:g}" for k, v in want.items())
+    types = autoscaler_node_types(bootstrap)
+    largest = {k: max((r.get(k, 0.0) for r in nodes), default=0.0) for k in want}
+    if types is None:
+        field = "gpus_per_trial" if "GPU" in want and largest["GPU"] < want["GPU"] else \
+            "cpus_per_trial"
+        value = study.gpus_per_trial if field == "gpus_per_trial" else study.cpus_per_trial
         raise ConfigError(
-            f"gpus_per_trial={study.gpus_per_trial!r}: the Ray cluster has "
-            f"{total.get('GPU', 0):g} GPUs; use 0 on a CPU-only cluster"
+            f"{field}={value!r}: no node of the Ray cluster has {{{shape}}} (the largest has "
+            f"{', '.join(f'{k}: {v:g}' for k, v in largest.items())}) and it has no autoscaler "
+            f"({bootstrap} not found); lower it or add such a node"
         )
-    if total.get("CPU", 0) < study.cpus_per_trial:
+    if not any(fits(r) for r in types.values()):
+        offered = "; ".join(f"{n}: {{{', '.join(f'{k}: {v:g}' for k, v in r.items())}}}"
+                            for n, r in types.items())
         raise ConfigError(
-            f"cpus_per_trial={study.cpus_per_trial!r}: the Ray cluster has "
-            f"{total.get('CPU', 0):g} CPUs"
+            f"gpus_per_trial={study.gpus_per_trial!r}, cpus_per_trial={study.cpus_per_trial!r}:"
+            f" no node type of this cluster can hold {{{shape}}} ({offered}); lower them or add "
+            "a larger node type to the cluster config"
         )
+    from ray.autoscaler.sdk import request_resources
+
+    n = max(1, study.max_concurrent or 1)
+    request_resources(bundles=[dict(want)] * n)
+    say(f"[cluster] no node holds {{{shape}}} yet: asked the autoscaler for {n}; trials wait "
+        "until it brings them (ray status shows the pending nodes)")
 
 
 def _named(trainable: Any) -> Any:
