@@ -429,6 +429,10 @@ class TrialContext:
     study_dir: str
     tracking: dict[str, str] | None = None  # {"uri", "experiment_id", "parent_run_id"}
     num_threads: int = 1
+    # Send each epoch's metrics to MLflow at once (a scheduler may stop a trial, and its actor,
+    # at any report). False (grid stages): batched until the next Tune checkpoint, which is where
+    # an interrupted trial resumes and logs the rest.
+    mlflow_every_epoch: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -446,7 +450,9 @@ class TrialContext:
             for k in ("uri", "experiment_id", "parent_run_id"):
                 _require(tracking, k, (str,), f"{where}.tracking")
         threads = _require(data, "num_threads", (int,), where, optional=True) or 1
-        return cls(study_dir=study_dir, tracking=tracking, num_threads=max(1, threads))
+        every = _require(data, "mlflow_every_epoch", (bool,), where, optional=True)
+        return cls(study_dir=study_dir, tracking=tracking, num_threads=max(1, threads),
+                   mlflow_every_epoch=True if every is None else every)
 
 
 # ---------------------------------------------------------------------------------- packed trials

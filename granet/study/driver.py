@@ -19,6 +19,7 @@ reported as finished, and running the same command again resumes the study.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -232,9 +233,12 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
     exps.append({"name": name, "keys": sorted(t.key for t in todo),
                  "units": [_unit_keys(u) for u in units]})
     atomic_write_text(manifest, json.dumps(exps, indent=1))
+    # no scheduler stops a grid trial: its MLflow metrics are sent at its checkpoints and end
+    grid_ctx = dataclasses.replace(ctx, mlflow_every_epoch=False)
     grid = run_tuner(
         run.study, experiment=name, storage=run.paths.ray, trainable=trainable,
-        param_space={"trial": grid_of([u.to_dict() for u in units]), "context": ctx.to_dict()},
+        param_space={"trial": grid_of([u.to_dict() for u in units]),
+                     "context": grid_ctx.to_dict()},
         callbacks=[*callbacks, progress(len(units))],
     )
     _account(run, stage.name, grid, len(todo), len(units))

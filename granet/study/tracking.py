@@ -302,7 +302,11 @@ class TrialRun:
                 items += _metrics(rec, st, ts)
                 last = st
         if metrics:
-            items += _metrics(metrics, step, ts)
+            fresh = _metrics(metrics, step, ts)
+            if self.reopened:  # a trial ending again after a crash: no second point per step
+                fresh = [m for m in fresh if not any(
+                    h.step == m.step for h in self.client.get_metric_history(run_id, m.key))]
+            items += fresh
         params = _params(self.params) if self._params_pending else []
         from mlflow.entities import RunTag
 

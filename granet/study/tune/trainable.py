@@ -8,9 +8,14 @@ dict}``; a search adds its sampled values under their dotted config keys and the
 The trial resumes from ``tune.get_checkpoint()`` when Tune retries or restores it, or - for a
 plasticity probe on its first start - branches from its trunk's checkpoint
 (:func:`granet.branch.branch`). Every epoch: the epoch's metrics go to the trial's MLflow child
-run (first, so a trial that a scheduler stops keeps them), trunk checkpoints at ``save_epochs`` go
-to stable files, and ``tune.report`` carries the complete trainer state every
-``run.checkpoint_every`` epochs and at the end.
+run (first, so a trial that a scheduler stops keeps them; in a grid stage, where no scheduler
+stops trials, they are batched until the next Tune checkpoint: ``TrialContext.mlflow_every_epoch``),
+trunk checkpoints at ``save_epochs`` go to stable files, and ``tune.report`` carries the complete
+trainer state every ``run.checkpoint_every`` epochs (not after the last epoch: the trial writes
+its results next, nothing would resume from it).
+
+A trial ends in this order: MLflow gets every epoch it lacks, the final metrics and the tags (one
+call); then the Parquet rows, the trials row last (the trial is finished); then the run is closed.
 
 How a trial ends (``trials.status``): "done"; "diverged" (non-finite loss or weights: its last
 finite metrics are kept, it is not retried - it would diverge again); "stopped" (a scheduler
@@ -20,9 +25,7 @@ next run); any other exception is left to Tune, which retries from the last chec
 
 What a trial costs besides its epochs is kept small: the data set is built once per worker
 process (and, for generated built-in sets, read from ``<study_dir>/cache/`` instead of being
-generated again), MLflow metrics are buffered and sent in one call before each Tune checkpoint
-and at the end (with the params, final metrics and tags), and no Tune checkpoint is written
-after the last epoch (nothing would resume from it).
+generated again), and MLflow gets few, batched calls.
 
 A :class:`~granet.study.base.PackedTrial` (``{"trial": {"members": [...]}}``) trains its members
 together (:class:`granet.pack.ProbePack`): the trunk checkpoint is read once, each member
@@ -208,7 +211,9 @@ class _EpochHook:
         t = self.trial
         epoch = trainer.epoch
         if t.run is not None:
-            t.run.add_epochs([record])  # sent before the next checkpoint, or at the end
+            t.run.add_epochs([record])
+            if t.ctx.mlflow_every_epoch:  # else sent before the next checkpoint, or at the end
+                t.run.flush()
         if epoch in t.spec.save_epochs:
             save_checkpoint(trainer.state_dict(), t.paths.trunk_checkpoint(t.spec.key, epoch))
         metrics = {**record, "trial_key": t.spec.key, "stage": t.spec.stage}
@@ -304,7 +309,22 @@ class _Trial:
         results.write_rows(self.ctx.study_dir, "epochs", s.stage, s.key,
                            [{**base, **h} for h in self.trainer.history])
 
-    def write_results(self, status: str, message: str | None = None) -> dict[str, Any] | None:
+    def end(self, status: str, run_status: str, tags: dict[str, Any],
+            message: str | None = None) -> None:
+        """End the trial: MLflow gets every epoch it lacks, the final metrics and the tags in one
+        call; then the Parquet rows (the trials row last: the trial is finished); then the run is
+        closed. A worker killed in between loses nothing: before its trials row the trial runs
+        again, and its run skips what it holds."""
+        probe = None
+        if self.spec.probe is not None and status == "done":
+            probe = _probe_row(self.spec, self.branch, self.trainer)
+        metrics = {k: probe[k] for k in _PROBE_METRICS if probe and probe.get(k) is not None}
+        self._send(tags, metrics)
+        self.write_results(status, message, probe)
+        self._close(run_status)
+
+    def write_results(self, status: str, message: str | None = None,
+                      probe: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Every table row of the trial; the trials row last (its presence ends the trial).
         Returns the probe row (if any)."""
         from granet.config import config_to_dict
@@ -315,9 +335,8 @@ class _Trial:
         results.write_rows(sd, "layers", s.stage, s.key,
                            [{"key": s.key, "study": s.study, "stage": s.stage, **r}
                             for r in tr.layer_history])
-        probe = None
         if s.probe is not None and status == "done":
-            probe = _probe_row(s, self.branch, tr)
+            probe = probe or _probe_row(s, self.branch, tr)
             results.write_rows(sd, "probes", s.stage, s.key, [probe])
         row = {
             "key": s.key, "study": s.study, "stage": s.stage, "parent_key": s.parent_key,
@@ -331,20 +350,33 @@ class _Trial:
         results.write_rows(sd, "trials", s.stage, s.key, [row])
         return probe
 
-    def finish_run(self, status: str, tags: dict[str, Any] | None = None,
-                   metrics: dict[str, Any] | None = None) -> None:
+    def _send(self, tags: dict[str, Any] | None, metrics: dict[str, Any] | None) -> None:
+        """One call: the epochs not sent yet, the final metrics, the tags (and the params of a
+        run created now)."""
         if self.run is None:
             return
         try:
-            # one call for the epochs not sent yet, the final metrics, the tags (and the params
-            # of a run created now)
             self.run.flush(metrics, step=self.trainer.epoch, tags=tags)
+        except Exception as exc:  # noqa: BLE001 - tracking must not lose a finished trial
+            log.warning("granet: warning: trial %s: MLflow metrics not logged (%s: %s)",
+                        self.spec.key, type(exc).__name__, exc)
+
+    def _close(self, status: str) -> None:
+        if self.run is None:
+            return
+        try:
             if status == "FINISHED":
                 self._log_artifacts()
             self.run.finish(status)
         except Exception as exc:  # noqa: BLE001 - tracking must not lose a finished trial
             log.warning("granet: warning: trial %s: MLflow run not closed (%s: %s)",
                         self.spec.key, type(exc).__name__, exc)
+
+    def finish_run(self, status: str, tags: dict[str, Any] | None = None,
+                   metrics: dict[str, Any] | None = None) -> None:
+        """Send what is pending and close the run (a trial ending on an error)."""
+        self._send(tags, metrics)
+        self._close(status)
 
     def _log_artifacts(self) -> None:
         eng = self.trainer.engine
@@ -368,9 +400,9 @@ class _Trial:
         from granet.io import atomic_write_text
 
         log.warning("granet: warning: trial %s failed: %s", self.spec.key, message)
-        self.write_results("failed", message)
         atomic_write_text(self.paths.failure(self.spec.key), message + "\n")
-        self.finish_run("FAILED", tags={"granet.status": "failed", "granet.error": message[:500]})
+        self.end("failed", "FAILED", {"granet.status": "failed", "granet.error": message[:500]},
+                 message)
 
 
 def _changed_train_values(spec: TrialSpec) -> dict[str, Any]:
@@ -429,25 +461,17 @@ def granet_trainable(config: dict[str, Any]) -> None:
     try:
         trial.trainer.fit(resume=False)
     except Diverged as exc:
-        msg = f"diverged at epoch {exc.epoch + 1} ({exc.reason})"
-        log.warning("granet: warning: trial %s %s", spec.key, msg)
-        trial.write_results("diverged", msg)
-        trial.finish_run("FAILED", tags={"granet.status": "diverged", "granet.error": msg})
+        _end_diverged(trial, f"diverged at epoch {exc.epoch + 1} ({exc.reason})")
         return
     except SystemExit:
         # tune.report raised: a scheduler (ASHA) or a stop criterion ended the trial. Keep
         # what it trained, as "stopped" (its MLflow run already holds every reported epoch).
-        try:
-            trial.write_results("stopped")
-        finally:
-            trial.finish_run("KILLED", tags={"granet.status": "stopped", "granet.pruned": "true"})
+        _end_stopped(trial)
         raise
     except BaseException:
         trial.finish_run("FAILED")
         raise
-    probe = trial.write_results("done")
-    metrics = {k: probe[k] for k in _PROBE_METRICS if probe and probe.get(k) is not None}
-    trial.finish_run("FINISHED", tags={"granet.status": "done"}, metrics=metrics)
+    trial.end("done", "FINISHED", {"granet.status": "done"})
 
 
 # ---------------------------------------------------------------------------------- packs
@@ -482,8 +506,14 @@ class _MemberHook:
 
 def _end_diverged(trial: _Trial, msg: str) -> None:
     log.warning("granet: warning: trial %s %s", trial.spec.key, msg)
-    trial.write_results("diverged", msg)
-    trial.finish_run("FAILED", tags={"granet.status": "diverged", "granet.error": msg})
+    trial.end("diverged", "FAILED", {"granet.status": "diverged", "granet.error": msg}, msg)
+
+
+def _end_stopped(trial: _Trial) -> None:
+    try:
+        trial.end("stopped", "KILLED", {"granet.status": "stopped", "granet.pruned": "true"})
+    except Exception:  # noqa: BLE001 - at least close the run; SystemExit follows
+        trial.finish_run("KILLED", tags={"granet.status": "stopped", "granet.pruned": "true"})
 
 
 def _open_runs(trials: list[_Trial]) -> None:
@@ -608,11 +638,7 @@ def _packed_trainable(config: dict[str, Any], t0: float) -> None:
         running = [t for t in trials if t.trainer.status == "running"]
         _open_runs(running)
         for t in running:
-            try:
-                t.write_results("stopped")
-            finally:
-                t.finish_run("KILLED", tags={"granet.status": "stopped",
-                                             "granet.pruned": "true"})
+            _end_stopped(t)
         raise
     except BaseException:
         for t in trials:
@@ -622,6 +648,4 @@ def _packed_trainable(config: dict[str, Any], t0: float) -> None:
     done = [t for t, r in zip(trials, outcome, strict=True) if isinstance(r, dict)]
     _open_runs(done)
     for t in done:
-        probe = t.write_results("done")
-        metrics = {k: probe[k] for k in _PROBE_METRICS if probe and probe.get(k) is not None}
-        t.finish_run("FINISHED", tags={"granet.status": "done"}, metrics=metrics)
+        t.end("done", "FINISHED", {"granet.status": "done"})
