@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TRAIN_IMAGES = 45_000  # CIFAR-10 training images per epoch after the 10 % validation split
-N_FAKE = 8192  # fake training set: short epochs, so a window holds many of them
+N_FAKE = int(os.environ.get("GRANET_BENCH_SAMPLES", 8192))  # short epochs: many per window
 DEVICE = os.environ.get("GRANET_BENCH_DEVICE", "cuda")  # "cpu": a dry run of this script
 
 
