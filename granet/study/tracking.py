@@ -64,7 +64,13 @@ def check_tracking_uri(uri: str, *, origin: str = "--tracking-uri", timeout: flo
         import importlib.util
 
         wanted = (dialect,) if dialect else drivers[base]
-        if not any(importlib.util.find_spec(d) is not None for d in wanted):
+        def installed(module: str) -> bool:
+            try:
+                return importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # "mysql.connector" without "mysql"
+                return False
+
+        if not any(installed(d) for d in wanted):
             raise ServiceError(
                 f"MLflow tracking URI {uri.split('@')[-1]} (from {origin}): no database driver "
                 f"for {base} is installed ({' or '.join(wanted)}); install one "

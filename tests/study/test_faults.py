@@ -23,6 +23,9 @@ from .conftest import MlflowServer
 from .faults import CorruptBeforeProbe, FailAtEpoch
 from .helpers import ROOT, TINY, run, run_tiny_plasticity, script_env, summary_of
 
+# every test here runs or breaks real study processes: 5-60 s each on 2 cores
+pytestmark = pytest.mark.slow
+
 
 def _driver(args: list[str], slow: float = 0.0, join_ray: bool = True) -> subprocess.Popen:
     """A study driver process (``granet study ...`` with an optional slow-down injected)."""
