@@ -144,11 +144,21 @@ class Utilisation:
 # ---------------------------------------------------------------------------------- trials
 
 
+def _images_per_epoch(trainer: Any) -> int:
+    """Training samples one epoch trains on (every sample, or full batches with drop_last)."""
+    bs = trainer.cfg.data.batch_size
+    n = len(trainer.data.train.y)
+    return n - n % bs if trainer.cfg.data.drop_last else n
+
+
 def worker(index: int, n: int, barrier: str, seconds: float) -> None:
     """One concurrent trial: a granet Trainer on the GPU; epoch 1 warms up, then a file barrier
     releases every trial at once; trains until ``seconds`` after the release; prints JSON."""
+    import torch
+
     from granet.trainer import Callback, Trainer
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))  # as Ray's cpus_per_trial would
     cfg = _cfg()
     state: dict[str, Any] = {}
 
@@ -161,17 +171,17 @@ def worker(index: int, n: int, barrier: str, seconds: float) -> None:
                 while sum(Path(f"{barrier}.{i}").exists() for i in range(n)) < n:
                     time.sleep(0.01)
                 state["release"] = time.time()
-                state["steps0"] = trainer.engine.step_count
                 return
             state["last"] = now
-            state["steps"] = trainer.engine.step_count - state["steps0"]
+            state["epochs"] = state.get("epochs", 0) + 1
+            state["images"] = state["epochs"] * _images_per_epoch(trainer)
             if now - state["release"] >= seconds:
                 trainer.stop = True
 
     t = Trainer(cfg, write=False, callbacks=[Timer()])
     t.fit(resume=False)
-    imgs = state["steps"] * cfg.data.batch_size
-    print(json.dumps({"index": index, "images": imgs, "seconds": state["last"] - state["release"],
+    print(json.dumps({"index": index, "images": state["images"],
+                      "seconds": state["last"] - state["release"],
                       "release": state["release"]}), flush=True)
 
 
@@ -216,7 +226,6 @@ def packed(k: int, mode: str, seconds: float) -> tuple[float, str]:
     data = shared_dataset(cfg, None, torch.device(DEVICE))
     trunk = Trainer(cfg, write=False, dataset=data)
     state = trunk.state_dict()
-    state["optimizer"] = trunk.optimizer.state_dict()
     trainers = [Trainer(cfg, write=False, dataset=data) for _ in range(k)]
     pack = ProbePack(trainers, mode=mode)
     ratios = [0.2, 0.5, 0.9, 0.98]
@@ -225,7 +234,6 @@ def packed(k: int, mode: str, seconds: float) -> tuple[float, str]:
                                            scope="global", structure="unstructured",
                                            regen=bool(i // 4 % 2)))
     times: list[float] = []
-    steps = trainers[0].steps_per_epoch
 
     def after(epoch: int) -> None:
         _sync()
@@ -244,7 +252,7 @@ def packed(k: int, mode: str, seconds: float) -> tuple[float, str]:
     pack.fit(after_epoch=after_util)
     util.__exit__()
     epochs = len(times) - 1
-    rate = epochs * steps * cfg.data.batch_size * k / (times[-1] - times[0])
+    rate = epochs * _images_per_epoch(trainers[0]) * k / (times[-1] - times[0])
     return rate, util.text()
 
 
