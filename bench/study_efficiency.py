@@ -18,8 +18,8 @@ its trials row) and the stage manifests (which trials one Tune trial carried), p
 
 * efficiency over the trial window = sum of epoch seconds / ((last trial end - first trial
   start) x slots), and for the whole job = sum of epoch seconds / (command wall x slots);
-* per-trial fixed cost: median over Tune trials of (span - its epochs' seconds), and per trial
-  key (a pack's cost divided by its members);
+* per-trial fixed cost: median over trials of (span - its epochs' seconds), a pack's cost shared
+  by its probes; also per stage: trunks, probes, and per probe Tune trial (a whole pack);
 * time outside trials: slot-seconds of the window no trial held (Tune's gaps, the switch between
   stages, idle slots at a stage's tail), and the command's wall before the first and after the
   last trial (start-up, shut-down, report);
@@ -125,7 +125,15 @@ def analyze(study_dir: Path, wall: float, t_start: float, slots: int) -> dict[st
     train = sum(ep.values())
     spans = sum(u["end"] - u["start"] for u in units.values())
     fixed = [u["end"] - u["start"] - u["ep"] for u in units.values()]
-    fixed_member = [(u["end"] - u["start"] - u["ep"]) / u["n"] for u in units.values()]
+    # per trial key: a pack's cost shared by its members (the median is over trials, not packs)
+    fixed_member = [(u["end"] - u["start"] - u["ep"]) / u["n"] for u in units.values()
+                    for _ in range(u["n"])]
+
+    def stage_median(stage: str, per_key: bool) -> float:
+        vals = [(u["end"] - u["start"] - u["ep"]) / (u["n"] if per_key else 1)
+                for u in units.values() if u["stage"] == stage]
+        return statistics.median(vals) if vals else float("nan")
+
     probes = [u for u in units.values() if u["stage"] == "probe"]
     probe_window = (max(u["end"] for u in probes) - min(u["start"] for u in probes)
                     if probes else float("nan"))
@@ -137,7 +145,9 @@ def analyze(study_dir: Path, wall: float, t_start: float, slots: int) -> dict[st
         "train_s": train, "eff_window": train / (window * slots),
         "eff_job": train / (wall * slots),
         "fixed_tune_trial": statistics.median(fixed), "fixed_trial": statistics.median(
-            fixed_member), "outside_slot_s": window * slots - spans,
+            fixed_member), "fixed_trunk": stage_median("trunk", False),
+        "fixed_probe": stage_median("probe", True), "fixed_pack": stage_median("probe", False),
+        "outside_slot_s": window * slots - spans,
         "startup": first - t_start, "tail": t_start + wall - last, "stage_switch": switch,
         "probes_per_s": sum(u["n"] for u in probes) / probe_window if probes else float("nan"),
     }
@@ -147,8 +157,9 @@ def fmt(label: str, r: dict[str, Any]) -> str:
     return (f"{label:<18} wall {r['wall']:6.1f} s  window {r['window']:6.1f} s  "
             f"epochs {r['train_s']:6.1f} s  eff window {r['eff_window']:.3f}  "
             f"eff job {r['eff_job']:.3f}  tune trials {r['tune_trials']:3d}  "
-            f"fixed/tune trial {r['fixed_tune_trial'] * 1000:6.0f} ms  "
-            f"fixed/trial {r['fixed_trial'] * 1000:5.0f} ms  "
+            f"fixed/trial {r['fixed_trial'] * 1000:5.0f} ms (trunk "
+            f"{r['fixed_trunk'] * 1000:5.0f}, probe {r['fixed_probe'] * 1000:4.0f}, probe Tune "
+            f"trial {r['fixed_pack'] * 1000:5.0f})  "
             f"outside trials {r['outside_slot_s']:5.1f} slot-s  start-up {r['startup']:4.1f} s  "
             f"stage switch {r['stage_switch']:4.1f} s  tail {r['tail']:4.1f} s  "
             f"probes/s {r['probes_per_s']:5.2f}")
