@@ -3,6 +3,7 @@ retried trial reopens its run (sqlite, and a real ``mlflow server``)."""
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from granet.study import results
@@ -36,6 +37,15 @@ def _check_tracking(uri: str, parent_run_id: str, study_dir, marker) -> None:
         assert not any(k.startswith("spec.") for k in run.data.params)
         hist = client.get_metric_history(run.info.run_id, "test_acc")
         assert sorted(m.step for m in hist) == list(range(1, t["epochs"] + 1)), t["key"]
+        if t["stage"] == "probe":  # the science is a metric of the probe's run
+            probe = [p for p in results.read_table(study_dir, "probes").to_pylist()
+                     if p["key"] == t["key"]][0]
+            for name in ("plasticity", "acc_before", "acc_pruned", "acc_after"):
+                assert run.data.metrics[name] == pytest.approx(probe[name]), name
+    # the parent carries the mean plasticity per ratio and regeneration
+    means = {k: v for k, v in parent.data.metrics.items() if k.startswith("plasticity_mean.")}
+    assert set(means) == {"plasticity_mean.p0.5.noregen", "plasticity_mean.p0.5.regen"} or \
+        set(means) == {"plasticity_mean.p0.5.regen"}
     # the trial that failed once at epoch 2 and was retried has one run with one point per epoch
     failed_key = marker.read_text().split()[0]
     assert keys.count(failed_key) == 1
