@@ -167,9 +167,20 @@ def test_job_runs_trials_on_both_nodes(local_cluster, tmp_path):
     node_of = {}
     for m in marks:
         node_of.setdefault(m["trial"], set()).add(m["node_id"])
-    # every trial built the user's model inside a Tune trial on some node
+    # every trial built the user's model inside a Tune trial on some node; the probes of one
+    # trunk epoch run together, as one packed Tune trial named after its members' keys
+    from collections import defaultdict
+
+    from granet.study.base import pack_key
+
+    packs: dict[tuple, list[str]] = defaultdict(list)
     for r in trials:
-        name = f"{r['stage']}-{r['key']}"[:60]
+        if r["stage"] == "probe":
+            spec = json.loads(r["spec_json"])
+            packs[(r["parent_key"], spec["epoch_t"], spec["kind"])].append(r["key"])
+    pack_of = {k: f"probe-{pack_key(keys)}" for keys in packs.values() for k in keys}
+    for r in trials:
+        name = (pack_of.get(r["key"]) or f"{r['stage']}-{r['key']}")[:60]
         assert name in node_of, f"no model build recorded for {name}"
     per_node = {n: sum(1 for s in node_of.values() if ids[n] in s) for n in ids}
     assert per_node["head"] >= 1 and per_node["worker"] >= 1, per_node
