@@ -16,7 +16,7 @@ import torch
 import torchvision
 import yaml
 
-import granet.data
+import granet.data.builtin
 from granet.cli import main
 from granet.config import config_hash, dump_yaml, load_config
 
@@ -236,7 +236,7 @@ def unreachable_cifar(monkeypatch):
     test is offline wherever it runs and never downloads 170 MB."""
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "url",
                         "https://cifar.invalid/cifar-10-python.tar.gz")
-    monkeypatch.setattr(granet.data, "DOWNLOAD_PROBE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(granet.data.builtin, "DOWNLOAD_PROBE_TIMEOUT_S", 3.0)
 
 
 def test_download_offline_names_the_data_dir_and_the_fix(unreachable_cifar, tmp_path,

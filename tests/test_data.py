@@ -187,7 +187,7 @@ def test_download_offline_is_named_and_bounded(tmp_path, monkeypatch) -> None:
     import socket
     import time
 
-    import granet.data as gdata
+    import granet.data.builtin as gdata  # where the timeout is read
 
     def hang(*args, **kwargs):  # a connection attempt that answers far too late
         time.sleep(5)

@@ -12,7 +12,9 @@ then trains with its masks fixed (:mod:`granet.branch`):
 * kind "plasticity": k epochs at the trunk's LR at t; pruning plasticity = test acc after k -
   test acc at t;
 * kind "gap" (``final_gap: true``): to the end with the rest of the trunk's schedule; gap = its
-  final test acc - the trunk's final one.
+  final test acc - the trunk's final one. These cost up to T - t epochs each, so ``gap_epochs``,
+  ``gap_ratios`` and ``gap_densities`` may restrict them to a subset of the plasticity grid
+  (empty: all of it).
 
 Keys follow the study layer's rule (granet/study/base.py); a re-run launches only what is
 missing. A finished trunk whose checkpoint file is missing or unreadable is trained again; a
@@ -71,6 +73,12 @@ class PlasticityStudy(StudyConfig):
     structures: list[str] = field(default_factory=lambda: ["unstructured"])
     k: int = 30
     final_gap: bool = False
+    # The final-gap grid, a subset of the plasticity grid (empty: all of it; ignored with
+    # final_gap: false): gap probes train to the end, so a full grid costs several times the
+    # plasticity probes. Every regen/scope/structure value is kept.
+    gap_epochs: list[int] = field(default_factory=list)
+    gap_ratios: list[float] = field(default_factory=list)
+    gap_densities: list[float] = field(default_factory=list)
     regrow_mode: str = "gradient"
     log_model: bool = False
     # Probes of one trunk checkpoint train together, up to this many per Tune trial (one data
@@ -100,7 +108,9 @@ class PlasticityStudy(StudyConfig):
         out.regen = [False, True]
         out.scopes, out.structures = out.scopes[:1], out.structures[:1]
         out.k = 2
-        out.final_gap = False
+        # a study with final-gap probes keeps them, on the whole smoke grid (--set overrides of
+        # the smoke grid's lists then never contradict a gap subset)
+        out.gap_epochs, out.gap_ratios, out.gap_densities = [], [], []
         return out
 
     def epochs_t(self) -> list[int]:
@@ -113,6 +123,18 @@ class PlasticityStudy(StudyConfig):
             for m in self.train.optim.milestones:
                 ts.update((m - 1, m + 1))
         return sorted(t for t in ts if 1 <= t < total)
+
+    def gap_grid(self) -> tuple[list[int], list[float], list[float]]:
+        """The final-gap probes' (epochs t, ratios, trunk densities); empty lists when
+        ``final_gap`` is off."""
+        if not self.final_gap:
+            return [], [], []
+
+        def pick(grid: list[Any], chosen: list[Any]) -> list[Any]:  # in the grid's order
+            return [v for v in grid if v in chosen] if chosen else list(grid)
+
+        return (pick(self.epochs_t(), self.gap_epochs), pick(self.ratios, self.gap_ratios),
+                pick(self.trunk_densities, self.gap_densities))
 
     def check(self) -> None:
         # train.sparsity is replaced per trunk: validate the derived trunk/probe configs instead.
@@ -169,6 +191,7 @@ class PlasticityStudy(StudyConfig):
                 "final_gap=true: needs train.optim.schedule multistep or constant (a cosine "
                 "schedule cannot be continued by shifting it); allowed: multistep, constant"
             )
+        self._check_gap_grid(ts)
         from granet.models import validate_model_name
 
         for m in self.models:
@@ -181,8 +204,27 @@ class PlasticityStudy(StudyConfig):
             validate_train(tc)
             for t in ts[:1]:
                 validate_train(probe_config(tc, t, "plasticity", self.k))
+            for t in self.gap_grid()[0][:1]:
+                validate_train(probe_config(tc, t, "gap", self.k))
 
-
+    def _check_gap_grid(self, ts: list[int]) -> None:
+        """gap_epochs/gap_ratios/gap_densities: each a subset of the plasticity grid's values,
+        without repeats. Not checked (and unused) with final_gap: false, so that
+        ``--set final_gap=false`` turns the gap probes of a config off whatever its grid."""
+        if not self.final_gap:
+            return
+        for name, values, allowed, what in (
+                ("gap_epochs", self.gap_epochs, ts, "the probe epochs t"),
+                ("gap_ratios", self.gap_ratios, self.ratios, "ratios"),
+                ("gap_densities", self.gap_densities, self.trunk_densities, "trunk_densities")):
+            if not values:
+                continue
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name}={values!r}: must not repeat a value")
+            for v in values:
+                if v not in allowed:
+                    raise ConfigError(f"{name}={values!r}: each must be one of {what} "
+                                      f"({', '.join(f'{a:g}' for a in allowed)}); {v!r} is not")
 
     # ------------------------------------------------------------------ the grid
     def trial_configs(self) -> list[Config]:
@@ -217,10 +259,15 @@ class PlasticityStudy(StudyConfig):
         tcfg = config_from_dict(trunk.train)
         out = []
         kinds = ["plasticity"] + (["gap"] if self.final_gap else [])
+        gap_ts, gap_ratios, gap_dens = self.gap_grid()
         for t, kind in itertools.product(trunk.save_epochs, kinds):
+            if kind == "gap" and (t not in gap_ts
+                                  or trunk.labels["trunk_density"] not in gap_dens):
+                continue
             pcfg = probe_config(tcfg, t, kind, self.k)
+            ratios = gap_ratios if kind == "gap" else self.ratios
             for ratio, regen, scope, structure in itertools.product(
-                self.ratios, self.regen, self.scopes, self.structures
+                ratios, self.regen, self.scopes, self.structures
             ):
                 own = {"kind": kind, "epoch_t": t, "ratio": ratio, "regen": bool(regen),
                        "scope": scope, "structure": structure, "k": pcfg.run.epochs,
@@ -281,9 +328,11 @@ class PlasticityStudy(StudyConfig):
                 finished.discard(t.key)
             if t.key not in finished:
                 todo.append(t)
-        planned_probes = sum(len(self.probes(t)) for t in trunks)
+        kinds = [own["kind"] for t in trunks for _, own in self.probes(t)]
+        planned_probes, n_gap = len(kinds), kinds.count("gap")
         run.say(f"plasticity study '{self.name}': {len(trunks)} trunks ({len(todo)} to run), "
-                f"{planned_probes} probes, epochs t={self.epochs_t()} -> {paths.root}")
+                f"{planned_probes} probes{f' ({n_gap} final-gap)' if n_gap else ''}, "
+                f"epochs t={self.epochs_t()} -> {paths.root}")
         yield GridStage("trunk", todo, planned=len(trunks))
 
         statuses = results.trial_statuses(paths.root, "trunk")

@@ -170,6 +170,81 @@ def test_script_smoke_test_subprocess(ray_session, tmp_path):
         assert results.read_table(sd, table).num_rows > 0, table
     assert (sd / "mlflow.db").is_file()
     assert json.loads((sd / "summary.json").read_text())["status"] == "finished"
+    # the main config's final-gap probes, on the smoke grid: t = 1, 3 x p = 0.9 x regen off/on
+    gap = [p for p in results.read_table(sd, "probes").to_pylist() if p["kind"] == "gap"]
+    assert sorted((p["epoch_t"], p["k"], p["regen"]) for p in gap) == [
+        (1, 3, False), (1, 3, True), (3, 1, False), (3, 1, True)]
+    assert all(p["final_gap"] == pytest.approx(p["acc_after"] - p["trunk_final_acc"])
+               for p in gap)
+    figs = sorted(p.name for p in (sd / "figures").iterdir())
+    assert figs == [f"{k}_mlp_static_global_unstructured.{e}" for k in ("final_gap", "plasticity")
+                    for e in ("pdf", "png")]
+    rows = (sd / "plasticity_summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["plasticity"] * 4 + ["gap"] * 4
+
+
+MAIN = REPO / "studies" / "configs" / "plasticity_mnist1d.yaml"
+
+
+def _planned(study: PlasticityStudy) -> dict[str, dict]:
+    return {spec.key: own for t in study.trunks() for spec, own in study.probes(t)} | {
+        t.key: {"kind": "trunk", "density": t.labels["trunk_density"]} for t in study.trunks()}
+
+
+def test_main_job_plans_exactly_its_final_gap_subset(tmp_path):
+    """The main job's gap grid (t 14/22/24 x p 0.5/0.98 x dense and 10 % trunks x regen off/on)
+    adds 24 probes trained to the end; the trunks and plasticity probes keep their keys."""
+    sd = [f"study_dir={tmp_path / 's'}"]
+    study = load_study_config(PlasticityStudy, MAIN, sd)
+    plan = _planned(study)
+    gap = {k: o for k, o in plan.items() if o["kind"] == "gap"}
+    assert len(gap) == 3 * 2 * 2 * 2 == 24
+    got = sorted((o["epoch_t"], o["ratio"], t.labels["trunk_density"], o["regen"])
+                 for t in study.trunks() for _, o in study.probes(t) if o["kind"] == "gap")
+    assert got == sorted((t, p, d, r) for t in (14, 22, 24) for p in (0.5, 0.98)
+                         for d in (1.0, 0.1) for r in (False, True))
+    assert all(o["k"] == 30 - o["epoch_t"] for o in gap.values())
+    assert sum(o["k"] for o in gap.values()) == 2 * 2 * 2 * (16 + 8 + 6) == 240
+    # without the gap probes: the same trunks and plasticity probes, the same keys
+    off = _planned(load_study_config(PlasticityStudy, MAIN, [*sd, "final_gap=false"]))
+    assert len(off) == 4 + 160 and set(off) == set(plan) - set(gap)
+    # final_gap: true with empty gap lists is the whole grid, which holds the subset's keys
+    full = _planned(load_study_config(PlasticityStudy, MAIN, [
+        *sd, "gap_epochs=[]", "gap_ratios=[]", "gap_densities=[]"]))
+    assert sum(o["kind"] == "gap" for o in full.values()) == 160
+    assert sum(o["k"] for o in full.values() if o["kind"] == "gap") == 4 * 4 * 2 * (
+        20 + 16 + 14 + 8 + 6)
+    assert set(plan) <= set(full)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["gap_ratios=[0.5,0.3]"],
+         "gap_ratios=[0.5, 0.3]: each must be one of ratios (0.5, 0.9); 0.3 is not"),
+        (["gap_epochs=[2]"],
+         "gap_epochs=[2]: each must be one of the probe epochs t (1, 3); 2 is not"),
+        (["gap_densities=[0.5]"],
+         "gap_densities=[0.5]: each must be one of trunk_densities (1, 0.1); 0.5 is not"),
+        (["gap_ratios=[0.9,0.9]"], "gap_ratios=[0.9, 0.9]: must not repeat a value"),
+        (["gap_epochs=[1,3]", "probe_epochs=[1]"],
+         "gap_epochs=[1, 3]: each must be one of the probe epochs t (1); 3 is not"),
+    ],
+)
+def test_bad_gap_grid_raises_before_any_work(tmp_path, overrides, needle):
+    sd = tmp_path / "never"
+    with pytest.raises(ConfigError) as exc:
+        run("plasticity", [f"study_dir={sd}", "final_gap=true", *overrides], smoke=True)
+    assert str(exc.value) == needle
+    assert not sd.exists()
+
+
+def test_gap_grid_ignored_without_final_gap(tmp_path):
+    """``--set final_gap=false`` turns a config's gap probes off whatever its gap lists say."""
+    study = load_study_config(PlasticityStudy, None, [
+        f"study_dir={tmp_path}", "gap_ratios=[0.3]", "gap_epochs=[7]"], True)
+    assert study.gap_grid() == ([], [], [])
+    assert {o["kind"] for t in study.trunks() for _, o in study.probes(t)} == {"plasticity"}
 
 
 def test_interrupted_stage_resumes_from_own_checkpoint(ray_session, tmp_path):

@@ -215,28 +215,59 @@ def test_plasticity_series_mean_std_n_per_combination(synth):
 
 
 def test_plasticity_summary_csv_and_figure_in_the_same_points(synth, tmp_path):
-    """One unit everywhere: the CSV's mean/std are the figure's numbers."""
+    """One unit everywhere: the CSV's mean/std are the figures' numbers, plasticity and final
+    gap rows alike (``kind`` says which)."""
     d = synth["dir"]
-    path, _ = write_plasticity_summary(d, tmp_path / "summary.csv")
+    path, means = write_plasticity_summary(d, tmp_path / "summary.csv")
     rows = list(csv.DictReader(path.open()))
-    figs = plasticity_series(d)
-    # the dense trunk of combo 0 is in two figures (static and gmp): its panels' points twice
-    assert len(rows) + 2 * len(RATIOS) * len(EPOCHS_T) == sum(
-        len(pts) for s in figs for pts in s.series.values())
-    seen = 0
-    for r in rows:
-        for s in figs:
-            if (s.model, s.scope, s.structure) != (r["model"], r["scope"], r["structure"]) or \
-                    r["trunk_method"] not in (s.trunk_method, "dense"):
-                continue
-            pts = s.series[(float(r["trunk_density"]), r["regen"] == "True", float(r["ratio"]))]
-            p = next(p for p in pts if p.t == int(r["epoch_t"]))
-            assert float(r["plasticity_mean_points"]) == pytest.approx(p.mean, abs=1e-4)
-            assert int(r["n"]) == p.n
-            if p.std is not None:
-                assert float(r["plasticity_std_points"]) == pytest.approx(p.std, abs=1e-4)
-            seen += 1
-    assert seen == sum(len(pts) for s in figs for pts in s.series.values())
+    assert list(rows[0]) == ["kind", "model", "trunk_method", "trunk_density", "scope",
+                             "structure", "epoch_t", "lr_t", "ratio", "regen", "n",
+                             "mean_points", "std_points"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds == sorted(kinds, key=lambda k: k != "plasticity")  # plasticity rows first
+    seen = {}
+    for kind in ("plasticity", "gap"):
+        figs = plasticity_series(d, kind)
+        mine = [r for r in rows if r["kind"] == kind]
+        # the dense trunk of combo 0 is in two figures (static and gmp): its panels' points twice
+        assert len(mine) + 2 * len(RATIOS) * len(EPOCHS_T) == sum(
+            len(pts) for s in figs for pts in s.series.values())
+        seen[kind] = 0
+        for r in mine:
+            for s in figs:
+                if (s.model, s.scope, s.structure) != (r["model"], r["scope"], r["structure"]) \
+                        or r["trunk_method"] not in (s.trunk_method, "dense"):
+                    continue
+                pts = s.series[(float(r["trunk_density"]), r["regen"] == "True",
+                                float(r["ratio"]))]
+                p = next(p for p in pts if p.t == int(r["epoch_t"]))
+                assert float(r["mean_points"]) == pytest.approx(p.mean, abs=1e-4)
+                assert int(r["n"]) == p.n
+                if p.std is not None:
+                    assert float(r["std_points"]) == pytest.approx(p.std, abs=1e-4)
+                seen[kind] += 1
+        assert seen[kind] == sum(len(pts) for s in figs for pts in s.series.values())
+    # a final-gap row's numbers from the synthetic values (gap = value + 0.05): combo 2 (cnn1d),
+    # 50 % trunk, no regeneration, p = 0.9, t = 4, seeds 0 and 1
+    row = next(r for r in rows if r["kind"] == "gap" and r["model"] == "cnn1d"
+               and r["trunk_density"] == "0.5" and r["regen"] == "False"
+               and r["ratio"] == "0.9" and r["epoch_t"] == "4")
+    vals = [100 * (_value(2, 0.5, False, 0.9, 4, seed) + 0.05) for seed in SEEDS]
+    assert (int(row["n"]), float(row["mean_points"]), float(row["std_points"])) == (
+        2, pytest.approx(statistics.mean(vals), abs=1e-4),
+        pytest.approx(statistics.stdev(vals), abs=1e-4))
+    assert float(row["mean_points"]) == pytest.approx(-4.385, abs=1e-4)
+    # the parent run's means per kind, ratio and regeneration (every row of that cell)
+    assert sorted(means) == sorted(f"{h}.p{p:g}.{g}" for h in ("plasticity_mean",
+                                                             "final_gap_mean")
+                                   for p in RATIOS for g in ("noregen", "regen"))
+    gap_vals = [100 * (_value(c, dens, True, 0.2, t, seed) + 0.05)
+                for c in range(len(COMBOS)) for dens in ((1.0, 0.5) if c < WITH_DENSE else (0.5,))
+                for t in EPOCHS_T for seed in SEEDS
+                if (c, dens, True, 0.2, t, seed) != MISSING]
+    assert means["final_gap_mean.p0.2.regen"] == pytest.approx(statistics.mean(gap_vals))
+    assert means["final_gap_mean.p0.2.regen"] - means["plasticity_mean.p0.2.regen"] == \
+        pytest.approx(5.0)
 
 
 def test_drawn_plasticity_figure(synth):

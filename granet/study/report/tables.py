@@ -144,27 +144,35 @@ def write_compare_table(paths: StudyPaths, title: str = "") -> tuple[Path, Path,
 
 def write_plasticity_summary(study_dir: str | Path,
                              path: str | Path) -> tuple[Path | None, dict[str, float]]:
-    """Plasticity per (model, trunk method, trunk density, scope, structure, t, ratio, regen):
-    mean, sample std (ddof=1) and n over seeds, in points (percent), as CSV; also the mean per
-    ratio and regeneration (the parent run's metrics). Diverged probes have no row."""
+    """Per (kind, model, trunk method, trunk density, scope, structure, t, ratio, regen): mean,
+    sample std (ddof=1) and n over seeds, in points (percent), as CSV. ``kind`` "plasticity"
+    rows hold pruning plasticity, "gap" rows the final gap (probes trained to the end), so
+    ``mean_points``/``std_points`` are the numbers of that kind's figure. Also the mean per kind,
+    ratio and regeneration (the parent run's metrics: ``plasticity_mean.p<ratio>.<regen>``,
+    ``final_gap_mean.p<ratio>.<regen>``). Diverged probes have no row."""
+    value = {"plasticity": "plasticity", "gap": "final_gap"}
     rows = [r for r in read_table(study_dir, "probes").to_pylist()
-            if r["kind"] == "plasticity" and r["plasticity"] is not None]
+            if r["kind"] in value and r[value[r["kind"]]] is not None
+            and not math.isnan(r[value[r["kind"]]])]
     if not rows:
         return None, {}
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        g = (r["model"], r["trunk_method"], r["trunk_density"], r["scope"], r["structure"],
-             r["epoch_t"], r["lr_t"], r["ratio"], r["regen"])
-        groups.setdefault(g, []).append(r["plasticity"] * 100.0)
-    lines = ["model,trunk_method,trunk_density,scope,structure,epoch_t,lr_t,ratio,regen,n,"
-             "plasticity_mean_points,plasticity_std_points"]
-    for g in sorted(groups, key=lambda g: tuple(str(x) for x in g[:5]) + g[5:]):
+        g = (r["kind"], r["model"], r["trunk_method"], r["trunk_density"], r["scope"],
+             r["structure"], r["epoch_t"], r["lr_t"], r["ratio"], r["regen"])
+        groups.setdefault(g, []).append(r[value[r["kind"]]] * 100.0)
+    lines = ["kind,model,trunk_method,trunk_density,scope,structure,epoch_t,lr_t,ratio,regen,n,"
+             "mean_points,std_points"]
+    # plasticity rows first, then gap; within a kind as before
+    for g in sorted(groups, key=lambda g: (g[0] != "plasticity",)
+                    + tuple(str(x) for x in g[:6]) + g[6:]):
         m, sd = _mean_std(groups[g])
         lines.append(",".join(str(x) for x in g)
                      + f",{len(groups[g])},{m:.4f},{'' if sd is None else f'{sd:.4f}'}")
     atomic_write_text(path, "\n".join(lines) + "\n")
     by_ratio: dict[str, list[float]] = {}
     for r in rows:
-        k = f"plasticity_mean.p{r['ratio']:g}.{'regen' if r['regen'] else 'noregen'}"
-        by_ratio.setdefault(k, []).append(r["plasticity"] * 100.0)
+        head = "plasticity_mean" if r["kind"] == "plasticity" else "final_gap_mean"
+        k = f"{head}.p{r['ratio']:g}.{'regen' if r['regen'] else 'noregen'}"
+        by_ratio.setdefault(k, []).append(r[value[r["kind"]]] * 100.0)
     return Path(path), {k: sum(v) / len(v) for k, v in by_ratio.items()}
