@@ -124,6 +124,9 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     if not uri:
         raise ValueError("--tracking-uri: must be given (the spool does not name its server)")
     check_tracking_uri(uri, origin="--tracking-uri" if args.tracking_uri else "the spool")
+    import os
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per run
     with StudyLock(paths.lock):
         try:
             res = ms.sync(paths.mlflow_spool, uri)

@@ -258,7 +258,7 @@ class StudyTracker(_Degrades):
         return f"the parent run of study {self.study}"
 
     def _spool_initial(self) -> None:
-        if getattr(self, "_params", None):
+        if getattr(self, "_params", None) and not getattr(self, "_params_sent", False):
             self.spool.write("params", params=self._params)
 
     def tracking_info(self) -> dict[str, str]:
@@ -285,6 +285,7 @@ class StudyTracker(_Degrades):
                 log.warning("granet: warning: MLflow params %s of study %s keep their first "
                             "values", ", ".join(changed[:5]), self.study)
             _log_batch(self.client, self.parent_run_id, params=items)
+            self._params_sent = True
         except Exception as exc:  # noqa: BLE001 - degrade (the params are spooled with it)
             self._go_offline("params", exc)
 
@@ -420,7 +421,8 @@ class TrialRun(_Degrades):
         return f"trial {self.run_name}"
 
     def _spool_initial(self) -> None:
-        self.spool.write("params", params=flatten(self.params))
+        if self.run_id is None or self._params_pending:  # else the run holds them
+            self.spool.write("params", params=flatten(self.params))
 
     # ------------------------------------------------------------------ opening
     def _open(self, run_id: str | None, has_params: bool | None) -> None:
