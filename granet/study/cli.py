@@ -108,6 +108,7 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     import json
 
     from granet.study import mlflow_spool as ms
+    from granet.study import mlflow_sync
     from granet.study.lock import StudyLock
     from granet.study.paths import StudyPaths
     from granet.study.tracking import ServiceError, check_tracking_uri
@@ -129,7 +130,7 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per run
     with StudyLock(paths.lock):
         try:
-            res = ms.sync(paths.mlflow_spool, uri)
+            res = mlflow_sync.sync(paths.mlflow_spool, uri)
         except Exception as exc:  # noqa: BLE001 - one line naming the server; spool kept
             raise ServiceError(
                 f"MLflow tracking URI {uri}: upload failed ({ms.short_error(exc)}); what was "

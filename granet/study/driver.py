@@ -492,13 +492,14 @@ def _mlflow_pending(run: StudyRun, summary: dict[str, Any]) -> None:
     """What did not reach MLflow (the spool): uploaded now when the server answers again,
     else one warning with the command that uploads it, and ``summary["mlflow_pending"]``."""
     from granet.study import mlflow_spool as ms
+    from granet.study import mlflow_sync
 
     tracker, paths = run.tracker, run.paths
     if tracker is None or not ms.spools(paths.mlflow_spool):
         return
     try:  # a server that came back during the study: upload at once (seconds)
         check_tracking_uri(tracker.uri, origin="the study", timeout=3.0)
-        ms.sync(paths.mlflow_spool, tracker.uri)
+        mlflow_sync.sync(paths.mlflow_spool, tracker.uri)
     except Exception as exc:  # noqa: BLE001 - what is left stays spooled, named below
         log.debug("spool not uploaded at the end of the study: %s", exc)
     pending = ms.pending_summary(paths.mlflow_spool, tracker.uri, paths.root,

@@ -3,8 +3,9 @@
 A trial's MLflow run (or the study's parent run) whose call fails after MLflow's bounded
 retries (:func:`bound_http_retries`) stops calling the server and writes the rest here; the
 study goes on. ``granet study sync-mlflow STUDY_DIR`` replays it once the server is back
-(:func:`sync`), idempotently: runs are found by their tags, only the metric steps, params and
-statuses a run lacks are sent, and a run's spool is removed only once all of it is uploaded.
+(:func:`granet.study.mlflow_sync.sync`), idempotently: runs are found by their tags, only the
+metric steps, params and statuses a run lacks are sent, and a run's spool is removed only once
+all of it is uploaded.
 
 Layout (``StudyPaths.mlflow_spool``)::
 
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HTTP_RETRY_ENV", "PARENT", "STALL_BOUND_S", "RunSpool", "SyncResult",
-           "bound_http_retries", "pending_summary", "short_error", "sync"]
+__all__ = ["HTTP_RETRY_ENV", "PARENT", "STALL_BOUND_S", "RunSpool", "SpooledRun",
+           "bound_http_retries", "pending_summary", "short_error", "spools"]
 
 log = logging.getLogger("granet")
 
@@ -239,97 +240,3 @@ def pending_summary(root: str | Path, uri: str, study_dir: str | Path,
                f"with: {command}")
     return {"trial_runs": len(trials), "of": trial_runs, "parent": parent, "what": what,
             "spool": str(root), "keys": trials, "command": command, "message": message}
-
-
-# ---------------------------------------------------------------------------------- replay
-
-
-@dataclass
-class SyncResult:
-    uploaded: list[str] = field(default_factory=list)  # spool names fully uploaded (removed)
-    metrics: int = 0  # metric points sent
-    artifacts: int = 0
-    created: int = 0  # runs created on the server
-
-
-def _experiment_id(client: Any, name: str, cache: dict[str, str]) -> str:
-    if name not in cache:
-        exp = client.get_experiment_by_name(name)
-        cache[name] = exp.experiment_id if exp is not None else client.create_experiment(name)
-    return cache[name]
-
-
-def _find_or_create(client: Any, exp_id: str, find: dict[str, str], name: str | None,
-                    tags: dict[str, str], res: SyncResult) -> str:
-    from granet.study.tracking import _find_run
-
-    run_id = _find_run(client, exp_id, find)
-    if run_id is None:
-        run_id = client.create_run(exp_id, run_name=name, tags={**tags, **find}).info.run_id
-        res.created += 1
-    return run_id
-
-
-def _replay(client: Any, run_id: str, sp: RunSpool, run: SpooledRun, res: SyncResult) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
-    from granet.study.tracking import _log_all
-
-    have = client.get_run(run_id).data.params
-    params = [Param(k, v) for k, v in run.params.items() if k not in have]
-    held: dict[str, set[int]] = {}
-    metrics, seen = [], set()
-    for key, value, ts, step in run.metrics:
-        if key not in held:
-            held[key] = {int(m.step) for m in client.get_metric_history(run_id, key)}
-        if int(step) in held[key] or (key, int(step)) in seen:
-            continue
-        seen.add((key, int(step)))
-        metrics.append(Metric(key, float(value), int(ts), int(step)))
-    tags = [RunTag(k, str(v)) for k, v in run.tags.items()]
-    _log_all(client, run_id, metrics, params, tags)
-    for rel, artifact_path in run.artifacts:
-        client.log_artifact(run_id, str(sp.dir / rel), artifact_path)
-    if run.status:
-        client.set_terminated(run_id, status=run.status)
-    res.metrics += len(metrics)
-    res.artifacts += len(run.artifacts)
-
-
-def sync(root: str | Path, uri: str) -> SyncResult:
-    """Upload every spooled run to ``uri`` (the parent first), removing each spool once its run
-    holds all of it. Raises on the first failure (what was uploaded stays uploaded; what was
-    not stays spooled: running it again is safe)."""
-    from granet.study.tracking import _client
-
-    client = _client(uri)
-    res = SyncResult()
-    exps: dict[str, str] = {}
-    parents: dict[tuple[str, str], str] = {}  # (experiment, study) -> parent run id
-
-    def parent_of(h: dict[str, Any]) -> tuple[str, str]:
-        exp_id = _experiment_id(client, h["experiment"], exps)
-        key = (h["experiment"], h["study"])
-        if key not in parents:
-            find = {"granet.study": h["study"], "granet.stage": "study"}
-            parents[key] = _find_or_create(client, exp_id, find, h["study"],
-                                           {"granet.kind": h.get("kind", "")}, res)
-        return exp_id, parents[key]
-
-    for sp in spools(root):
-        run = sp.read()
-        h = run.header
-        if not h.get("experiment") or not h.get("study"):
-            log.warning("granet: warning: %s has no run header; left as it is", sp.ops)
-            continue
-        exp_id, parent_id = parent_of(h)
-        if sp.name == PARENT:
-            run_id = parent_id
-        else:
-            find = {"granet.trial_key": h["trial_key"], "mlflow.parentRunId": parent_id}
-            run_id = _find_or_create(client, exp_id, find, h.get("run_name"),
-                                     dict(h.get("tags") or {}), res)
-        _replay(client, run_id, sp, run, res)
-        sp.remove()
-        res.uploaded.append(sp.name)
-    return res

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from granet.study import mlflow_spool as ms
+from granet.study.mlflow_sync import sync
 from granet.study.tracking import StudyTracker, TrialRun
 
 from .helpers import seed_mlflow_db
@@ -121,7 +122,7 @@ def test_sync_replays_once_and_only_what_is_missing(tmp_path, monkeypatch, tmp_p
     sp2.write("status", status="FINISHED")
     tracker.finish("FINISHED")
 
-    res = ms.sync(tmp_path / "spool", uri)
+    res = sync(tmp_path / "spool", uri)
     assert sorted(res.uploaded) == ["k1", "k2"] and res.created == 1
     assert res.metrics == 3 * 3 + 1 + 1  # k1: 3 epochs x 3 keys + plasticity; k2: epoch 2
     assert ms.spools(tmp_path / "spool") == []
@@ -141,7 +142,7 @@ def test_sync_replays_once_and_only_what_is_missing(tmp_path, monkeypatch, tmp_p
     arts = [a.path for a in c.list_artifacts(k1.info.run_id)]
     assert arts == ["layer_densities.csv"]
     # again: nothing left, nothing sent
-    again = ms.sync(tmp_path / "spool", uri)
+    again = sync(tmp_path / "spool", uri)
     assert again.uploaded == [] and again.metrics == 0
     assert len(c.get_metric_history(k1.info.run_id, "test_acc")) == 3
 
