@@ -1,6 +1,8 @@
-"""``granet study {plasticity,search,compare} CONFIG`` and ``granet report STUDY_DIR``.
+"""``granet study {plasticity,search,compare} CONFIG``, ``granet study sync-mlflow STUDY_DIR``
+and ``granet report STUDY_DIR``.
 
-Exit status: 0 the study finished (diverged trials are results, counted in the summary); 1 some
+Exit status: 0 the study finished (diverged trials are results, counted in the summary; so is
+what MLflow did not get: it is kept in the study's spool, named in the last lines); 1 some
 trials failed; 2 bad input or an unusable environment, found before any work; 130 interrupted
 (Ctrl-C: run the same command again to resume).
 """
@@ -64,9 +66,11 @@ def print_end(out: dict[str, Any]) -> None:
     launched = ", ".join(f"{n} {s}" for s, n in out["launched"].items()) or "nothing"
     failed = sum(out["failed"].values())
     st = out["statuses"]
+    pending = out.get("mlflow_pending")
     print(f"{out['kind']} study '{out['study']}' {out['status']} in {out['seconds']:.0f} s: "
           f"launched {launched}; {failed} failed, {st.get('diverged', 0)} diverged "
-          f"({st.get('done', 0)} trials done in all)", flush=True)
+          f"({st.get('done', 0)} trials done in all)"
+          f"{'; MLflow incomplete (see below)' if pending else ''}", flush=True)
     for p in out["outputs"]:
         print(f"  {p}")
     if out["figures"]:
@@ -74,6 +78,8 @@ def print_end(out: dict[str, Any]) -> None:
     print(f"  tables (Parquet): {Path(out['study_dir']) / 'results'}")
     print(f"  summary: {Path(out['study_dir']) / 'summary.json'}")
     print(f"MLflow UI: {out['mlflow_ui']}", flush=True)
+    if pending:
+        print(pending["message"], flush=True)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -97,6 +103,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    """Upload what a study's trials could not send to MLflow (its spool)."""
+    import json
+
+    from granet.study import mlflow_spool as ms
+    from granet.study import mlflow_sync
+    from granet.study.lock import StudyLock
+    from granet.study.paths import StudyPaths
+    from granet.study.tracking import ServiceError, check_tracking_uri
+
+    paths = StudyPaths(args.study_dir)
+    if not paths.root.is_dir():
+        raise FileNotFoundError(f"study directory {str(paths.root)!r}: not found")
+    left = [s for s in ms.spools(paths.mlflow_spool) if s.exists()]
+    if not left:
+        print(f"nothing to upload: {paths.mlflow_spool} holds no spooled MLflow runs")
+        return 0
+    uri = args.tracking_uri or next(
+        (s.read().header.get("uri") for s in left if s.read().header.get("uri")), None)
+    if not uri:
+        raise ValueError("--tracking-uri: must be given (the spool does not name its server)")
+    check_tracking_uri(uri, origin="--tracking-uri" if args.tracking_uri else "the spool")
+    import os
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per run
+    with StudyLock(paths.lock):
+        try:
+            res = mlflow_sync.sync(paths.mlflow_spool, uri)
+        except Exception as exc:  # noqa: BLE001 - one line naming the server; spool kept
+            raise ServiceError(
+                f"MLflow tracking URI {uri}: upload failed ({ms.short_error(exc)}); what was "
+                f"not uploaded is kept in {paths.mlflow_spool}: run the same command again "
+                "once the server works") from None
+    trials = [n for n in res.uploaded if n != ms.PARENT]
+    parent = " and the parent run" if ms.PARENT in res.uploaded else ""
+    print(f"uploaded {len(trials)} trial runs{parent} to {uri}: {res.metrics} metric points, "
+          f"{res.artifacts} artifacts, {res.created} runs created; spool emptied")
+    if paths.summary.is_file():  # the summary no longer names a pending upload
+        try:
+            summary = json.loads(paths.summary.read_text())
+        except ValueError:
+            summary = None
+        if isinstance(summary, dict) and summary.pop("mlflow_pending", None) is not None:
+            from granet.io import atomic_write_text
+
+            atomic_write_text(paths.summary, json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def add_study_commands(sub: Any) -> None:
     """Register ``study`` and ``report`` on granet's sub-parsers."""
     s = sub.add_parser("study", help="run a study on Ray Tune (MLflow + Parquet results)")
@@ -105,6 +160,12 @@ def add_study_commands(sub: Any) -> None:
         p = ssub.add_parser(kind, help=text)
         add_study_arguments(p)
         p.set_defaults(func=cmd_study)
+    m = ssub.add_parser("sync-mlflow", help="upload what MLflow did not get during a study "
+                                            "(the study's spool) once the server is back")
+    m.add_argument("study_dir")
+    m.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the one the study used)")
+    m.set_defaults(func=cmd_sync_mlflow)
     r = sub.add_parser("report", help="figures and tables of a finished study")
     r.add_argument("study_dir")
     r.set_defaults(func=cmd_report)

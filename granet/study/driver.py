@@ -417,6 +417,7 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
             log.warning("granet: warning: study artifacts not logged to MLflow (%s: %s)",
                         type(exc).__name__, exc)
         _close(tracker, "FAILED" if failed else "FINISHED")
+        _mlflow_pending(run, summary)
         return summary
     finally:
         if started:
@@ -454,7 +455,8 @@ class _Background:
 def _open_tracker(run: StudyRun, uri: str, local_store: bool) -> StudyTracker:
     study, paths = run.study, run.paths
     tracker = StudyTracker(uri, experiment=study.experiment, study=study.name, kind=study.kind,
-                           artifact_root=paths.mlflow_artifacts if local_store else None)
+                           artifact_root=paths.mlflow_artifacts if local_store else None,
+                           spool=paths.mlflow_spool)
     tracker.log_params(study.parent_params())
     return tracker
 
@@ -484,6 +486,29 @@ def _close(tracker: StudyTracker, status: str) -> None:
     except Exception as exc:  # noqa: BLE001 - already on an error path: keep the first error
         log.warning("granet: warning: MLflow parent run not closed as %s (%s: %s)", status,
                     type(exc).__name__, exc)
+
+
+def _mlflow_pending(run: StudyRun, summary: dict[str, Any]) -> None:
+    """What did not reach MLflow (the spool): uploaded now when the server answers again,
+    else one warning with the command that uploads it, and ``summary["mlflow_pending"]``."""
+    from granet.study import mlflow_spool as ms
+    from granet.study import mlflow_sync
+
+    tracker, paths = run.tracker, run.paths
+    if tracker is None or not ms.spools(paths.mlflow_spool):
+        return
+    try:  # a server that came back during the study: upload at once (seconds)
+        check_tracking_uri(tracker.uri, origin="the study", timeout=3.0)
+        mlflow_sync.sync(paths.mlflow_spool, tracker.uri)
+    except Exception as exc:  # noqa: BLE001 - what is left stays spooled, named below
+        log.debug("spool not uploaded at the end of the study: %s", exc)
+    pending = ms.pending_summary(paths.mlflow_spool, tracker.uri, paths.root,
+                                 sum(summary["statuses"].values()))
+    if pending is None:
+        return
+    summary["mlflow_pending"] = pending
+    _write_summary(paths, summary)
+    log.warning("granet: warning: %s", pending["message"])
 
 
 def _report(run: StudyRun) -> list[str]:

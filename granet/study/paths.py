@@ -7,6 +7,7 @@ Layout::
       summary.json                the driver's summary of the last pass
       .lock                       held while a driver runs (host, pid, start time)
       mlflow.db, mlartifacts/     default MLflow store (sqlite) when no tracking URI is given
+      mlflow-spool/<key>/         what did not reach MLflow, per run (mlflow_spool.py; _parent)
       optuna.db                   search: default Optuna storage
       ray/<experiment>/           Tune experiments (storage_path = <study_dir>/ray)
       ray/<stage>-experiments.json  which Tune experiment ran which trial keys (for restore)
@@ -34,6 +35,7 @@ class StudyPaths:
         self.lock = self.root / ".lock"
         self.mlflow_db = self.root / "mlflow.db"
         self.mlflow_artifacts = self.root / "mlartifacts"
+        self.mlflow_spool = self.root / "mlflow-spool"
         self.optuna_db = self.root / "optuna.db"
         self.ray = self.root / "ray"
         self.results = self.root / "results"
@@ -69,6 +71,10 @@ class StudyPaths:
 
     def figure(self, name: str) -> Path:
         return self.figures / name
+
+    def mlflow_spool_run(self, key: str) -> Path:
+        """The spool of one run (a trial key, or ``_parent``): ops.jsonl and artifacts/."""
+        return self.mlflow_spool / key
 
     def default_tracking_uri(self) -> str:
         return "sqlite:///" + str(self.mlflow_db.resolve())
