@@ -83,8 +83,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from granet.study import results
     from granet.study.report import make_report
+    from granet.study.storage import study_path
 
-    d = Path(args.study_dir)
+    d = study_path(args.study_dir)  # a local path or a URI (s3://...)
     if not d.is_dir():
         raise FileNotFoundError(f"study directory {str(d)!r}: not found")
     if not any(results.read_table(d, t).num_rows for t in results.TABLES):
