@@ -97,8 +97,12 @@ class UriPath:
             return
         base, query = _split_query(uri)
         fs, path = _filesystem(uri)
-        scheme = base.split("://", 1)[0]
-        self.fs, self.path, self._prefix, self._query = fs, path, scheme + "://", query
+        scheme, rest = base.split("://", 1)
+        # credentials in the URI (s3://KEY:SECRET@bucket/...) stay in it: workers rebuild the
+        # file system from str(path)
+        user = rest.split("/", 1)[0].rpartition("@")[0]
+        prefix = f"{scheme}://{user}@" if user else f"{scheme}://"
+        self.fs, self.path, self._prefix, self._query = fs, path, prefix, query
 
     # ------------------------------------------------------------------ names
     def _child(self, path: str) -> UriPath:
@@ -122,6 +126,9 @@ class UriPath:
 
     def __hash__(self) -> int:
         return hash(self.uri)
+
+    def __lt__(self, other: UriPath) -> bool:
+        return self.path < other.path
 
     @property
     def name(self) -> str:
@@ -248,7 +255,7 @@ def state_dir_for(root: StoragePath) -> Path:
     if not isinstance(root, UriPath):
         return Path(root)
     base = os.environ.get("GRANET_STATE_DIR") or os.path.join("~", ".cache", "granet", "studies")
-    scheme = root._prefix.rstrip(":/") if root._prefix else "uri"
+    scheme = root._prefix.split(":", 1)[0] if root._prefix else "uri"
     return (Path(base).expanduser() / scheme / root.path.lstrip("/")).resolve()
 
 
