@@ -42,7 +42,8 @@ class S3Server:
                     return self
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"moto server died: {self.log.read_text()[-2000:]}")
+                    raise RuntimeError(f"moto server died: {self.log.read_text()[-2000:]}") \
+                        from None
                 time.sleep(0.2)
         raise RuntimeError("moto server did not start")
 
