@@ -382,10 +382,12 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
             _close(made, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     try:
-        from granet.study.shared import check_shared_storage
+        from granet.study.tune.shared import check_shared_storage
 
         # every node must see the study dir and sqlite stores (a single-node Ray: no check)
-        check_shared_storage(paths, uri, say=run.say)
+        problem = check_shared_storage(paths, uri, say=run.say)
+        if problem is not None:
+            raise StudyEnvironmentError(problem)
         if address:
             tn.check_cluster_resources(study, say=run.say)
             tracker = _open_tracker(run, uri, local_store)

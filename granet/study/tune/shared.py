@@ -83,19 +83,19 @@ def _look(markers: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
 
 
 def check_shared_storage(paths: Any, tracking_uri: str | None, *, say: Any = print,
-                         timeout: float = 60.0, bootstrap: str | None = None) -> None:
-    """Refuse (:class:`~granet.study.driver.StudyEnvironmentError`, exit 2) a study directory or
-    sqlite tracking store that some node of a multi-node (or autoscaling) cluster cannot see.
-    Needs ``ray.init`` done; does nothing on a single-node Ray without an autoscaler."""
+                         timeout: float = 60.0, bootstrap: str | None = None) -> str | None:
+    """Why a study directory or sqlite tracking store cannot be used by some node of a
+    multi-node (or autoscaling) cluster (the driver refuses with it, exit 2); None when every
+    node sees them. Needs ``ray.init`` done; None at once on a single-node Ray without an
+    autoscaler."""
     import ray
 
-    from granet.study.driver import StudyEnvironmentError
     from granet.study.tune.tuner import BOOTSTRAP_CONFIG, autoscaler_node_types
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     autoscaling = autoscaler_node_types(bootstrap or BOOTSTRAP_CONFIG) is not None
     if len(nodes) <= 1 and not autoscaling:
-        return
+        return None
     # (label, local directory or URI, fix)
     places: list[tuple[str, Any, str]] = []
     if not paths.is_uri:
@@ -113,9 +113,8 @@ def check_shared_storage(paths: Any, tracking_uri: str | None, *, say: Any = pri
             if isinstance(where, Path):
                 m = mount_of(where)
                 if m is not None and m[1] in LOCAL_FS_TYPES:
-                    raise StudyEnvironmentError(
-                        f"{label}: on {m[0]} ({m[1]}), a file system only this node sees; the "
-                        f"nodes this autoscaling cluster starts could not use it: {fix}")
+                    return (f"{label}: on {m[0]} ({m[1]}), a file system only this node sees; "
+                            f"the nodes this autoscaling cluster starts could not use it: {fix}")
     token = secrets.token_hex(16)
     markers: list[tuple[str, str, str]] = []
     written: list[Any] = []
@@ -151,8 +150,8 @@ def check_shared_storage(paths: Any, tracking_uri: str | None, *, say: Any = pri
             say(f"[cluster] warning: node {refs[ref].get('NodeManagerAddress')} did not answer "
                 f"the storage check in {timeout:g} s; not checked")
         if problems:
-            raise StudyEnvironmentError(
-                "a multi-node Ray cluster needs storage every node sees: " + "; ".join(problems))
+            return "a multi-node Ray cluster needs storage every node sees: " + "; ".join(problems)
+        return None
     finally:
         for m in written:
             try:
