@@ -239,13 +239,18 @@ def load_study_config(
     if tracking_uri:
         check_tracking_uri_form(tracking_uri, "--tracking-uri")
         study.tracking_uri = tracking_uri
+    from granet.study.storage import is_uri, study_path
+
     if not study.study_dir:
         study.study_dir = str(Path("studies_out") / study.name)
     elif smoke_test and not any(o.startswith("study_dir=") for o in overrides):
         # the smoke run of a study with an explicit study_dir gets a sibling directory
-        study.study_dir = str(Path(study.study_dir).with_name(Path(study.study_dir).name
-                                                               + "-smoke"))
-    study.study_dir = str(Path(study.study_dir).expanduser().resolve())
+        root = study_path(study.study_dir)  # a URI: its scheme and bucket are checked here
+        study.study_dir = str(root.with_name(root.name + "-smoke"))
+    if is_uri(study.study_dir):  # s3://, gs://...: checked here, reached in run_study
+        study.study_dir = str(study_path(study.study_dir))
+    else:
+        study.study_dir = str(study_path(study.study_dir).expanduser().resolve())
     study.check()
     return study
 
@@ -443,8 +448,9 @@ class TrialContext:
         if not isinstance(data, dict):
             raise TrialSpecError(f"{where}={data!r}: must be a mapping")
         study_dir = _require(data, "study_dir", (str,), where)
-        if not os.path.isabs(study_dir):
-            raise TrialSpecError(f"{where}.study_dir={study_dir!r}: must be an absolute path")
+        if not os.path.isabs(study_dir) and "://" not in study_dir:
+            raise TrialSpecError(f"{where}.study_dir={study_dir!r}: must be an absolute path "
+                                 "or a storage URI")
         tracking = _require(data, "tracking", (dict,), where, optional=True)
         if tracking is not None:
             for k in ("uri", "experiment_id", "parent_run_id"):

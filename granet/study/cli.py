@@ -63,6 +63,8 @@ def run_study_command(kind: str, args: argparse.Namespace) -> int:
 
 def print_end(out: dict[str, Any]) -> None:
     """Where to look: a few lines a person reads, then the JSON summary's path."""
+    from granet.study.storage import study_path
+
     launched = ", ".join(f"{n} {s}" for s, n in out["launched"].items()) or "nothing"
     failed = sum(out["failed"].values())
     st = out["statuses"]
@@ -74,9 +76,10 @@ def print_end(out: dict[str, Any]) -> None:
     for p in out["outputs"]:
         print(f"  {p}")
     if out["figures"]:
-        print(f"  figures: {Path(out['figures'][0]).parent}")
-    print(f"  tables (Parquet): {Path(out['study_dir']) / 'results'}")
-    print(f"  summary: {Path(out['study_dir']) / 'summary.json'}")
+        print(f"  figures: {study_path(out['figures'][0]).parent}")
+    root = study_path(out["study_dir"])  # a local path or a URI (s3://…): never Path(uri)
+    print(f"  tables (Parquet): {root / 'results'}")
+    print(f"  summary: {root / 'summary.json'}")
     print(f"MLflow UI: {out['mlflow_ui']}", flush=True)
     if pending:
         print(pending["message"], flush=True)
@@ -89,8 +92,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from granet.study import results
     from granet.study.report import make_report
+    from granet.study.storage import study_path
 
-    d = Path(args.study_dir)
+    d = study_path(args.study_dir)  # a local path or a URI (s3://...)
     if not d.is_dir():
         raise FileNotFoundError(f"study directory {str(d)!r}: not found")
     if not any(results.read_table(d, t).num_rows for t in results.TABLES):

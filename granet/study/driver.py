@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from granet.io import atomic_write_text
 from granet.study import results
 from granet.study.base import PackedTrial, StudyConfig, TrialContext, load_study_config
 from granet.study.lock import StudyLock
 from granet.study.paths import StudyPaths
 from granet.study.stages import GridStage, SearchStage
+from granet.study.storage import atomic_write_text, check_writable, local_copy
 from granet.study.tracking import StudyTracker, check_tracking_uri
 
 __all__ = ["StudyEnvironmentError", "StudyInterrupted", "StudyRun", "run_study",
@@ -63,6 +63,8 @@ def _disk_full(root: Path) -> bool:
     disk in many shapes (a truncated pickle, an I/O error in its own files), so ask the disk."""
     import shutil
 
+    if not isinstance(root, Path):  # object storage
+        return False
     try:
         return shutil.disk_usage(root).free < 1 << 20
     except OSError:
@@ -129,6 +131,16 @@ class StudyRun:
 
 
 def _make_study_dir(paths: StudyPaths) -> None:
+    if paths.is_uri:  # the bucket was checked (check_writable); the state dir is local
+        try:
+            paths.state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            err = environment_error(exc, f"state directory of study_dir={str(paths.root)!r} "
+                                         "(GRANET_STATE_DIR)")
+            if err is None:
+                raise
+            raise err from None
+        return
     root = paths.root
     for parent in [root, *root.parents]:
         if parent.exists():
@@ -319,6 +331,11 @@ def run_study(
     study = load_study_config(cls, config, overrides, smoke_test, tracking_uri)
     _preflight(study)
     paths = StudyPaths(study.study_dir)
+    if paths.is_uri:  # bucket, credentials, endpoint: before any Ray or MLflow work
+        check_writable(paths.root)
+        if not quiet:
+            print(f"study_dir {paths.root}: lock, sqlite stores and data cache in the local "
+                  f"state directory {paths.state}", flush=True)
     uri, origin = resolve_tracking_uri(study, paths)
     if uri != paths.default_tracking_uri():  # the default store is created with the study dir
         check_tracking_uri(uri, origin=origin)
@@ -333,7 +350,7 @@ def run_study(
     _make_study_dir(paths)
     run = StudyRun(study, paths, quiet=quiet, fresh=fresh)
     try:
-        with StudyLock(paths.lock):
+        with StudyLock(paths.lock, remote=paths.remote_lock):
             return _run_locked(run, uri, local_store, address, t0,
                                trainable or _default_trainable(), list(callbacks or []))
     except OSError as exc:
@@ -365,6 +382,12 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
             _close(made, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     try:
+        from granet.study.tune.shared import check_shared_storage
+
+        # every node must see the study dir and sqlite stores (a single-node Ray: no check)
+        problem = check_shared_storage(paths, uri, say=run.say)
+        if problem is not None:
+            raise StudyEnvironmentError(problem)
         if address:
             tn.check_cluster_resources(study, say=run.say)
             tracker = _open_tracker(run, uri, local_store)
@@ -410,9 +433,10 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
         _write_summary(paths, summary)
         try:
             tracker.log_metrics(outputs.get("metrics") or {})
-            tracker.log_artifacts([p for p in outputs.get("files", []) if Path(p).exists()]
-                                  + [paths.summary], "tables")
-            tracker.log_artifacts(figures, "figures")
+            with local_copy([*outputs.get("files", []), paths.summary]) as tables:
+                tracker.log_artifacts(tables, "tables")  # a URI study_dir: downloaded first
+            with local_copy(figures) as figs:
+                tracker.log_artifacts(figs, "figures")
         except Exception as exc:  # noqa: BLE001 - a finished study is kept whatever MLflow says
             log.warning("granet: warning: study artifacts not logged to MLflow (%s: %s)",
                         type(exc).__name__, exc)

@@ -5,6 +5,11 @@ dies, so a lock left by a killed driver on this host is stale by construction an
 The file's JSON names the holder, so a second driver refuses with a message that says who holds
 it. On a shared file system where ``flock`` is not coherent across hosts, a lock file written by
 another host is honoured until the user deletes it (the message says so).
+
+A study directory on object storage (``s3://...``) cannot be ``flock``-ed: the lock file is in
+the study's local state directory, and a best-effort ``.lock`` object in the bucket carries the
+same JSON, so a driver on another host is told who holds the study (object stores have no
+compare-and-swap: two drivers starting in the same second may both pass).
 """
 
 from __future__ import annotations
@@ -29,9 +34,36 @@ class StudyLocked(RuntimeError):
 class StudyLock:
     """Context manager holding the study directory's lock."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, remote: Any = None) -> None:
         self.path = Path(path)
+        self.remote = remote  # a granet.study.storage.UriPath, or None
         self._fd: int | None = None
+
+    def _remote_holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.remote.read_bytes() or b"{}") if self.remote.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _check_remote(self, host: str) -> None:
+        """Refuse when the bucket's lock object names a live driver other than this one."""
+        held = self._remote_holder()
+        if not held:
+            return
+        other_host = held.get("host") and held.get("host") != host
+        alive = False
+        if not other_host and isinstance(held.get("pid"), int) and held["pid"] != os.getpid():
+            try:
+                os.kill(held["pid"], 0)
+                alive = True
+            except (ProcessLookupError, PermissionError):
+                alive = False
+        if other_host or alive:
+            raise StudyLocked(
+                f"study directory {str(self.remote.parent)!r} is locked by a driver on host "
+                f"{held.get('host')!r} (pid {held.get('pid')}, started {held.get('started')}); "
+                f"if that run is no longer alive, delete {str(self.remote)!r} and start again"
+            )
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -69,9 +101,21 @@ class StudyLock:
                 f"{held['host']!r} (pid {held.get('pid')}, started {held.get('started')}); if "
                 f"that run is no longer alive, delete {str(self.path)!r} and start again"
             )
+        if self.remote is not None:
+            try:
+                self._check_remote(host)
+            except BaseException:
+                os.close(fd)
+                raise
         info = {"host": host, "pid": os.getpid(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": " ".join(sys.argv)[:500]}
+        if self.remote is not None:
+            try:
+                self.remote.write_bytes(json.dumps(info).encode())
+            except BaseException:
+                os.close(fd)
+                raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
@@ -81,6 +125,12 @@ class StudyLock:
             return
         try:
             self.path.unlink(missing_ok=True)
+            if self.remote is not None:
+                try:
+                    if self._remote_holder().get("pid") == os.getpid():
+                        self.remote.unlink(missing_ok=True)
+                except OSError:  # best effort: the next driver on this host takes it over
+                    pass
         finally:
             os.close(self._fd)  # closing releases the flock
             self._fd = None

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from granet.study.storage import StoragePath, UriPath, local_copy, rmtree, study_path
+
 __all__ = ["HTTP_RETRY_ENV", "PARENT", "STALL_BOUND_S", "RunSpool", "SpooledRun",
            "bound_http_retries", "pending_summary", "short_error", "spools"]
 
@@ -92,7 +94,13 @@ def short_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------- file IO
 
 
-def _io_append(path: Path, line: str) -> None:
+def _io_append(path: StoragePath, line: str) -> None:
+    if isinstance(path, UriPath):
+        # an object store cannot append: one run's spool has one writer (its trial), so a
+        # read-modify-write PUT of the (small) file is safe
+        old = path.read_bytes() if path.exists() else b""
+        path.write_bytes(old + (line + "\n").encode("utf-8"))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
@@ -100,36 +108,40 @@ def _io_append(path: Path, line: str) -> None:
         os.fsync(f.fileno())  # the spool is the only copy of what MLflow did not get
 
 
-def _io_read_lines(path: Path) -> list[str]:
+def _io_read_lines(path: StoragePath) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
 
 
-def _io_copy(src: Path, dst: Path) -> None:
+def _io_copy(src: Path, dst: StoragePath) -> None:
+    if isinstance(dst, UriPath):
+        dst.write_bytes(src.read_bytes())  # one PUT: the object appears whole
+        return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
 
-def _io_remove_tree(path: Path) -> None:
+def _io_remove_tree(path: StoragePath) -> None:
+    if isinstance(path, UriPath):
+        rmtree(path)
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _io_list_dirs(root: Path) -> list[Path]:
+def _io_list_dirs(root: StoragePath) -> list[StoragePath]:
     try:
         return sorted(p for p in root.iterdir() if p.is_dir())
     except FileNotFoundError:
         return []
 
 
-def _io_count_dirs(root: Path) -> int:
-    try:
-        return sum(1 for p in root.iterdir() if p.is_dir())
-    except FileNotFoundError:
-        return 0
+def _io_local(path: StoragePath) -> local_copy:
+    """A local copy of a spooled artifact while it is uploaded."""
+    return local_copy([path])
 
 
 # ---------------------------------------------------------------------------------- spool
@@ -164,8 +176,8 @@ class SpooledRun:
 class RunSpool:
     """The spool of one run: ``<root>/<name>/ops.jsonl`` and copied artifacts."""
 
-    def __init__(self, root: str | Path, name: str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | UriPath, name: str) -> None:
+        self.root = study_path(root)
         self.name = name
         self.dir = self.root / name
         self.ops = self.dir / "ops.jsonl"
@@ -216,7 +228,7 @@ class RunSpool:
 
 def spools(root: str | Path) -> list[RunSpool]:
     """Every run spool under ``root`` (the parent's first)."""
-    out = [RunSpool(root, d.name) for d in _io_list_dirs(Path(root))]
+    out = [RunSpool(root, d.name) for d in _io_list_dirs(study_path(root))]
     return sorted(out, key=lambda s: (s.name != PARENT, s.name))
 
 

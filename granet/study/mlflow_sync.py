@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from granet.study.mlflow_spool import PARENT, RunSpool, SpooledRun, spools
+from granet.study.storage import local_copy
 from granet.study.tracking import _client, _find_run, _log_all
 
 __all__ = ["SyncResult", "sync"]
@@ -59,7 +60,9 @@ def _replay(client: Any, run_id: str, sp: RunSpool, run: SpooledRun, res: SyncRe
     tags = [RunTag(k, str(v)) for k, v in run.tags.items()]
     _log_all(client, run_id, metrics, params, tags)
     for rel, artifact_path in run.artifacts:
-        client.log_artifact(run_id, str(sp.dir / rel), artifact_path)
+        with local_copy([sp.dir / rel]) as local:  # a spool on a bucket: download it first
+            for f in local:
+                client.log_artifact(run_id, str(f), artifact_path)
     if run.status:
         client.set_terminated(run_id, status=run.status)
     res.metrics += len(metrics)

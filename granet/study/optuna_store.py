@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from granet.config import ConfigError
-from granet.io import write_parquet
 from granet.study import results
 from granet.study.paths import StudyPaths
+from granet.study.storage import write_parquet
 
 __all__ = ["objectives", "open_storage", "prepare_study", "search_schema", "search_table"]
 

@@ -370,7 +370,8 @@ def _in(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def _checkpoints_ok(paths: Any, trunk: TrialSpec, run: Any) -> bool:
     """Every probe-epoch checkpoint of a finished trunk exists and reads back."""
-    from granet.io import CheckpointError, load_checkpoint
+    from granet.io import CheckpointError
+    from granet.study.storage import load_checkpoint  # a local path or a URI
 
     for t in trunk.save_epochs:
         p = paths.trunk_checkpoint(trunk.key, t)

@@ -76,8 +76,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from granet.io import write_parquet
 from granet.study.paths import StudyPaths
+from granet.study.storage import StoragePath, UriPath, write_parquet
 
 __all__ = [
     "EPOCH_METRICS",
@@ -145,7 +145,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 TABLES = tuple(SCHEMAS)
 
 
-def table_path(study_dir: str | Path, table: str, stage: str, key: str) -> Path:
+def table_path(study_dir: str | Path, table: str, stage: str, key: str) -> StoragePath:
     if table not in SCHEMAS:
         raise ValueError(f"table={table!r}: must be one of {', '.join(TABLES)}")
     return StudyPaths(study_dir).table_file(table, stage, key)
@@ -172,7 +172,7 @@ def _clean(value: Any, typ: pa.DataType) -> Any:
 
 def write_rows(
     study_dir: str | Path, table: str, stage: str, key: str, rows: list[dict[str, Any]]
-) -> Path:
+) -> StoragePath:
     """Write one trial's rows of ``table`` (replacing its previous file) with the table's schema.
 
     Keys absent from a row become null; keys the schema does not know are dropped.
@@ -184,7 +184,7 @@ def write_rows(
     return path
 
 
-def _key_of(path: Path) -> str:
+def _key_of(path: StoragePath) -> str:
     return path.stem[len("trial-"):]
 
 
@@ -195,18 +195,24 @@ def scan_table(study_dir: str | Path, table: str,
     them and replaces the files)."""
     schema = SCHEMAS[table]
     root = StudyPaths(study_dir).table_dir(table, stage)
-    files = sorted(root.rglob("trial-*.parquet")) if root.is_dir() else []
+    remote = isinstance(root, UriPath)
+    if remote:  # one listing (no is_dir round trip); sorted by path as below
+        files = list(root.rglob("trial-*.parquet"))
+    else:
+        files = sorted(root.rglob("trial-*.parquet")) if root.is_dir() else []
     if not files:
         return schema.empty_table(), {}
+    fs = root.fs if remote else None
     try:
-        return ds.dataset([str(f) for f in files], schema=schema,
-                          format="parquet").to_table(), {}
+        return ds.dataset([f.path if remote else str(f) for f in files], schema=schema,
+                          format="parquet", filesystem=fs).to_table(), {}
     except (pa.ArrowException, OSError):
         log.debug("granet: an unreadable file under %s: reading its files one by one", root)
     parts, bad = [], {}
     for f in files:  # find the unreadable ones
         try:
-            parts.append(pq.read_table(f, schema=schema))
+            parts.append(pq.read_table(f.path if remote else f, schema=schema,
+                                       filesystem=fs))
         except (pa.ArrowException, OSError) as exc:
             bad[_key_of(f)] = f"{f}: unreadable ({str(exc).splitlines()[0][:200]})"
     table_ = pa.concat_tables(parts) if parts else schema.empty_table()
@@ -255,10 +261,14 @@ def trial_statuses(study_dir: str | Path, stage: str | None = None) -> dict[str,
 def trial_status(study_dir: str | Path, stage: str, key: str) -> str | None:
     """The status of one trial from its own file (None when absent or unreadable)."""
     path = table_path(study_dir, "trials", stage, key)
-    if not path.is_file():
-        return None
     try:
-        rows = pq.read_table(path, columns=["status"]).column("status").to_pylist()
+        if not path.is_file():
+            return None
+        if isinstance(path, UriPath):
+            rows = pq.read_table(path.path, columns=["status"],
+                                 filesystem=path.fs).column("status").to_pylist()
+        else:
+            rows = pq.read_table(path, columns=["status"]).column("status").to_pylist()
     except (pa.ArrowException, OSError):
         return None
     return rows[0] if rows else None

@@ -14,17 +14,16 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from granet.config import ConfigError, config_hash, config_to_dict, dump_yaml
-from granet.io import atomic_write_text
 from granet.study import results
 from granet.study.base import StudyConfig, build_train_config
 from granet.study.optuna_store import objectives, open_storage, prepare_study, write_search_table
 from granet.study.space import SpaceFunction, check_space, default_space
 from granet.study.stages import SearchStage
+from granet.study.storage import atomic_write_text, rmtree
 
 __all__ = ["METRICS", "SearchStudy"]
 
@@ -112,9 +111,7 @@ class SearchStudy(StudyConfig):
             if name in optuna.get_all_study_names(storage):
                 optuna.delete_study(study_name=name, storage=storage)
             for table in results.TABLES:  # the old study's rows would mix with the new ones
-                d = paths.table_dir(table, STAGE)
-                if d.is_dir():
-                    shutil.rmtree(d)
+                rmtree(paths.table_dir(table, STAGE))
         ost, finished = prepare_study(self, storage, paths)
         fn = self.space_function()
         fn.generation = ost.user_attrs["granet.generation"]

@@ -226,8 +226,12 @@ class LocalCluster:
     """Head + worker on 127.0.0.2 / 127.0.0.3 (1 CPU each unless told), token auth, the MLflow
     server of the head's start command."""
 
-    def __init__(self, bin_dir: Path, num_cpus: int = 1, root: Path | None = None) -> None:
+    def __init__(self, bin_dir: Path, num_cpus: int = 1, root: Path | None = None,
+                 private_worker_shared: bool = False) -> None:
         self.bin_dir = Path(bin_dir)
+        # the worker node starts in its own mount namespace with a tmpfs over ``shared``: it
+        # cannot see the head's disk there (a node without the shared mount)
+        self.private_worker_shared = private_worker_shared
         self.num_cpus = num_cpus
         # Short: unix socket paths under <temp-dir>/session_*/sockets must stay under ~107 chars.
         self.root = Path(root or tempfile.mkdtemp(prefix="gc", dir="/tmp"))
@@ -340,7 +344,12 @@ class LocalCluster:
         for argv in cmd.steps:
             t0 = time.time()
             if argv[:2] == ["ray", "start"]:
-                self.run(self._ray_start_argv(node, argv), env=env, timeout=180)
+                start = self._ray_start_argv(node, argv)
+                if node == "worker" and self.private_worker_shared:
+                    start = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs none {shlex.quote(str(self.shared))} && "
+                             'exec "$@"', "sh", *start]
+                self.run(start, env=env, timeout=180)
                 self.timings[f"ray start ({node})"] = time.time() - t0
             elif argv[0].endswith("start_mlflow_server.sh"):
                 if argv[2] != "5000":

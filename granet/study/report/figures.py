@@ -45,10 +45,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from granet.io import atomic_write  # noqa: E402
 from granet.study.paths import StudyPaths  # noqa: E402
 from granet.study.report.tables import _mean_std  # noqa: E402
 from granet.study.results import read_table  # noqa: E402
+from granet.study.storage import atomic_write, read_parquet, study_path  # noqa: E402
 
 __all__ = [
     "FORMATS",
@@ -75,10 +75,8 @@ _CMAP_SPAN = 0.78
 
 def read_search_table(study_dir: str | Path) -> Any:
     """The ``search`` table (Optuna snapshot) or None when the study has none."""
-    import pyarrow.parquet as pq
-
     path = StudyPaths(study_dir).search_table
-    return pq.read_table(path) if path.is_file() else None
+    return read_parquet(path) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +192,7 @@ def plasticity_series(study_dir: str | Path, kind: str = "plasticity") -> list[P
     """The numbers the plasticity (``kind="plasticity"``) or final-gap (``"gap"``) figures draw,
     one :class:`PlasticityPanels` per (model, trunk method, scope, structure), sorted by those.
     Values are in points (acc difference x 100); rows whose value is null or NaN are left out."""
-    study_dir = Path(study_dir)
+    study_dir = study_path(study_dir)
     value = "plasticity" if kind == "plasticity" else "final_gap"
     probes = [p for p in read_table(study_dir, "probes").to_pylist()
               if p["kind"] == kind and p[value] is not None and not math.isnan(p[value])]
@@ -335,7 +333,7 @@ def plot_plasticity(study_dir: str | Path, figdir: str | Path,
     as PNG and PDF; the files written (none when the table has no such rows)."""
     outs: list[Path] = []
     for panels in plasticity_series(study_dir, kind):
-        outs += _save(draw_plasticity(panels), Path(figdir) / panels.stem)
+        outs += _save(draw_plasticity(panels), study_path(figdir) / panels.stem)
     return outs
 
 
@@ -349,7 +347,7 @@ def plot_search(study_dir: str | Path, figdir: str | Path) -> list[Path]:
     if t is None or t.num_rows == 0:
         return []
     rows = sorted(t.to_pylist(), key=lambda r: r["number"])
-    figdir = Path(figdir)
+    figdir = study_path(figdir)
     outs: list[Path] = []
     obj, direction = rows[0]["objective"], rows[0]["direction"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -464,17 +462,15 @@ def draw_compare(rows: list[dict[str, Any]], context: str = "") -> Any:
 def plot_compare(study_dir: str | Path, figdir: str | Path) -> list[Path]:
     """The accuracy-vs-sparsity figure of a comparison study (from compare_table.parquet),
     PNG and PDF."""
-    import pyarrow.parquet as pq
-
-    study_dir = Path(study_dir)
+    study_dir = study_path(study_dir)
     paths = StudyPaths(study_dir)
     if not paths.compare_parquet.is_file():
         return []
-    rows = pq.read_table(paths.compare_parquet).to_pylist()
+    rows = read_parquet(paths.compare_parquet).to_pylist()
     if not rows:
         return []
     fig = draw_compare(rows, _compare_context(study_dir))
-    return _save(fig, Path(figdir) / "compare_accuracy")
+    return _save(fig, study_path(figdir) / "compare_accuracy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +481,8 @@ def _save(fig: Any, stem: str | Path) -> list[Path]:
     outs = []
     try:
         for fmt in FORMATS:
-            path = Path(f"{stem}.{fmt}")
+            stem = study_path(stem) if isinstance(stem, str) else stem
+            path = stem.with_name(f"{stem.name}.{fmt}")
             # no creation date in the PDF: the same tables give the same bytes
             meta = {"CreationDate": None} if fmt == "pdf" else None
             atomic_write(path, lambda tmp, fmt=fmt, meta=meta: fig.savefig(
@@ -500,7 +497,7 @@ def make_report(study_dir: str | Path) -> list[Path]:
     """Draw every figure the study's tables allow; return every file written (PNG and PDF;
     nothing when the directory holds no results). Figures of earlier reports under this
     module's names that this one did not draw are removed."""
-    study_dir = Path(study_dir).resolve()
+    study_dir = study_path(study_dir).resolve()
     if not study_dir.is_dir():
         raise FileNotFoundError(f"study directory {str(study_dir)!r}: not found")
     figdir = StudyPaths(study_dir).figures

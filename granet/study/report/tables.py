@@ -17,9 +17,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from granet.io import atomic_write_text, write_parquet
 from granet.study.paths import StudyPaths
 from granet.study.results import read_table
+from granet.study.storage import atomic_write_text, study_path, write_parquet
 
 __all__ = ["TABLE_COLUMNS", "compare_table", "format_markdown", "write_compare_table",
            "write_plasticity_summary"]
@@ -169,10 +169,11 @@ def write_plasticity_summary(study_dir: str | Path,
         m, sd = _mean_std(groups[g])
         lines.append(",".join(str(x) for x in g)
                      + f",{len(groups[g])},{m:.4f},{'' if sd is None else f'{sd:.4f}'}")
+    path = study_path(path) if isinstance(path, str) else path
     atomic_write_text(path, "\n".join(lines) + "\n")
     by_ratio: dict[str, list[float]] = {}
     for r in rows:
         head = "plasticity_mean" if r["kind"] == "plasticity" else "final_gap_mean"
         k = f"{head}.p{r['ratio']:g}.{'regen' if r['regen'] else 'noregen'}"
         by_ratio.setdefault(k, []).append(r[value[r["kind"]]] * 100.0)
-    return Path(path), {k: sum(v) / len(v) for k, v in by_ratio.items()}
+    return path, {k: sum(v) / len(v) for k, v in by_ratio.items()}

@@ -99,10 +99,15 @@ class ProgressLine(Callback):
         key = _trial_field(trial, "key") or trial.trial_id
         if src is None or self.failures_dir is None:
             return str(src or trial.trial_id)
-        dst = Path(self.failures_dir) / f"{key}.txt"
+        from granet.study.storage import study_path, write_bytes
+
+        dst = study_path(self.failures_dir) / f"{key}.txt"  # a local path or a URI
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            if isinstance(dst, Path):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+            else:
+                write_bytes(dst, src.read_bytes())
         except OSError as exc:
             return f"{src} (copy to {dst} failed: {exc})"
         return str(dst)

@@ -97,7 +97,8 @@ def data_cache_file(cfg, study_dir: str | Path) -> Path | None:
     import torch
 
     digest = hashlib.sha256(f"{ident}|{gen}|{torch.__version__}".encode()).hexdigest()[:16]
-    return Path(study_dir) / "cache" / f"data-{cfg.data.name.lower()}-{digest}.pt"
+    # a URI study_dir: the cache is in this node's local state directory (paths.py)
+    return StudyPaths(study_dir).cache / f"data-{cfg.data.name.lower()}-{digest}.pt"
 
 
 def _load_data(cfg):
@@ -207,6 +208,7 @@ class _EpochHook:
         from ray import tune
 
         from granet.io import save_checkpoint
+        from granet.study.storage import save_checkpoint as save_stable
 
         t = self.trial
         epoch = trainer.epoch
@@ -215,7 +217,7 @@ class _EpochHook:
             if t.ctx.mlflow_every_epoch:  # else sent before the next checkpoint, or at the end
                 t.run.flush()
         if epoch in t.spec.save_epochs:
-            save_checkpoint(trainer.state_dict(), t.paths.trunk_checkpoint(t.spec.key, epoch))
+            save_stable(trainer.state_dict(), t.paths.trunk_checkpoint(t.spec.key, epoch))
         metrics = {**record, "trial_key": t.spec.key, "stage": t.spec.stage}
         if t.run is not None:
             metrics["mlflow_run_id"] = t.run.run_id  # a searcher links its trial to the run
@@ -276,9 +278,13 @@ class _Trial:
         p = self.spec.probe
         if p is not None:
             from granet.branch import branch
+            from granet.study.storage import is_uri
+            from granet.study.storage import load_checkpoint as load_stable
 
             try:
-                res = branch(self.trainer, p.trunk_ckpt, epoch_t=p.epoch_t, ratio=p.ratio,
+                src = load_stable(p.trunk_ckpt, self.trainer.device) if is_uri(p.trunk_ckpt) \
+                    else p.trunk_ckpt
+                res = branch(self.trainer, src, epoch_t=p.epoch_t, ratio=p.ratio,
                              scope=p.scope, structure=p.structure, regen=p.regen,
                              regrow_mode=p.regrow_mode)
             except CheckpointError as exc:
@@ -397,7 +403,7 @@ class _Trial:
 
     def fail(self, message: str) -> None:
         """End without retries: a trials row with status "failed" and the reason on file."""
-        from granet.io import atomic_write_text
+        from granet.study.storage import atomic_write_text
 
         log.warning("granet: warning: trial %s failed: %s", self.spec.key, message)
         atomic_write_text(self.paths.failure(self.spec.key), message + "\n")
@@ -489,7 +495,7 @@ class _MemberHook:
     def on_checkpoint(self, trainer, path, record) -> None: ...
 
     def on_epoch_end(self, trainer, record: dict[str, Any]) -> None:
-        from granet.io import save_checkpoint
+        from granet.study.storage import save_checkpoint
 
         t = self.trial
         if t.run is not None:
@@ -564,9 +570,10 @@ def _packed_trainable(config: dict[str, Any], t0: float) -> None:
     from ray import tune
 
     from granet.branch import branch, state_digest
-    from granet.io import CheckpointError, load_checkpoint, save_checkpoint
+    from granet.io import CheckpointError, save_checkpoint
     from granet.pack import ProbePack
     from granet.study.base import PackedTrial
+    from granet.study.storage import load_checkpoint
     from granet.trainer import resolve_device
 
     pack_spec = PackedTrial.from_dict(config.get("trial"))

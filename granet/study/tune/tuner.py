@@ -95,11 +95,17 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
-def can_restore(path: Path) -> bool:
-    """Whether ``path`` holds a Tune experiment that can be restored."""
+def can_restore(path: Any) -> bool:
+    """Whether ``path`` (a local path or a :class:`~granet.study.storage.UriPath`) holds a Tune
+    experiment that can be restored."""
     from ray import tune
 
-    return path.is_dir() and tune.Tuner.can_restore(str(path))
+    from granet.study.storage import tune_storage
+
+    if not path.is_dir():
+        return False
+    where, fs = tune_storage(path)
+    return tune.Tuner.can_restore(where, storage_filesystem=fs)
 
 
 def grid_of(values: list[Any]) -> Any:
@@ -200,7 +206,7 @@ def run_tuner(
     study: StudyConfig,
     *,
     experiment: str,
-    storage: Path,
+    storage: Any,
     trainable: Any,
     param_space: dict[str, Any] | None = None,
     restore: bool = False,
@@ -225,10 +231,16 @@ def run_tuner(
     if study.gpus_per_trial:
         resources["gpu"] = study.gpus_per_trial
     fn = tune.with_resources(_named(trainable), resources)
+    from granet.study.storage import tune_storage
+
     cbs = list(callbacks or [])
-    path = storage / experiment
+    # a URI study_dir: the path inside the bucket and its pyarrow file system (Ray ships the
+    # file system to every trial; workers need the same credentials)
+    storage_path, storage_fs = tune_storage(storage)
+    path, _ = tune_storage(storage / experiment)
     if restore:
-        tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
         # A restored run config carries the old callbacks: attach this run's (fresh counts).
         local = getattr(tuner, "_local_tuner", None)
         if local is not None:
@@ -243,7 +255,7 @@ def run_tuner(
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=str(storage),
+            name=experiment, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=cbs, verbose=0,

@@ -1,0 +1,173 @@
+"""Study directories on object storage: a real S3-compatible server (moto) on 127.0.0.1.
+
+Round trips of granet.study.storage on a local path and on s3://, Parquet tables and trunk
+checkpoints in a bucket, bad URIs refused before anything is written (exit 2), and a smoke
+plasticity study with ``study_dir=s3://...`` on a local Ray that resumes from the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from granet.errors import run_command
+from granet.io import CheckpointError
+from granet.study import results, storage
+from granet.study.paths import StudyPaths
+from granet.study.storage import UriPath, study_path
+
+from .helpers import ROOT, TINY, run, run_tiny_plasticity, seed_mlflow_db
+from .s3server import S3Server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    monkeypatch.setenv("GRANET_STATE_DIR", str(d))
+    return d
+
+
+def _roots(tmp_path: Path, s3: S3Server) -> list:
+    return [tmp_path / "local", study_path(s3.uri(s3.bucket(), "studies/a"))]
+
+
+def test_round_trips_local_and_s3(s3, tmp_path):
+    for root in _roots(tmp_path, s3):
+        remote = isinstance(root, UriPath)
+        p = root / "sub" / "x.txt"
+        assert not p.exists()
+        storage.atomic_write_text(p, "one")
+        storage.atomic_write_text(p, "two")  # replaced whole
+        assert p.read_text() == "two" and p.is_file() and (root / "sub").is_dir()
+        storage.write_bytes(root / "sub" / "y.bin", b"\x00\x01")
+        assert [q.name for q in root.rglob("*.bin")] == ["y.bin"]
+        assert sorted(q.name for q in (root / "sub").glob("*")) == ["x.txt", "y.bin"]
+        # no temporary file is left beside a published one
+        assert sorted(q.name for q in (root / "sub").iterdir()) == ["x.txt", "y.bin"]
+        p.unlink()
+        p.unlink(missing_ok=True)
+        assert not p.exists()
+        with pytest.raises(FileNotFoundError if not remote else OSError):
+            p.unlink()
+        # checkpoints through a buffer
+        state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3}
+        ck = root / "checkpoints" / "t" / "epoch-0003.pt"
+        storage.save_checkpoint(state, ck)
+        back = storage.load_checkpoint(str(ck), keys=("model",))
+        assert back["epoch"] == 3 and torch.equal(back["model"]["w"], state["model"]["w"])
+        storage.write_bytes(root / "bad.pt", b"not a checkpoint")
+        with pytest.raises(CheckpointError, match="cannot be read"):
+            storage.load_checkpoint(root / "bad.pt")
+        with pytest.raises(CheckpointError, match="does not exist"):
+            storage.load_checkpoint(root / "missing.pt")
+        storage.rmtree(root / "sub")
+        assert not (root / "sub").exists()
+        if remote:  # str() is the URI a worker rebuilds the same place from
+            assert str(root).startswith("s3://test:test@") and "endpoint_override" in str(root)
+            assert study_path(str(ck)).read_bytes() == ck.read_bytes()
+
+
+def test_parquet_tables_in_a_bucket(s3):
+    root = s3.uri(s3.bucket(), "studies/tables")
+    rows = [{"key": "k1", "study": "s", "stage": "trunk", "epoch": e, "step": 10 * e,
+             "test_acc": 0.1 * e} for e in (1, 2, 3)]
+    path = results.write_rows(root, "epochs", "trunk", "k1", rows)
+    assert isinstance(path, UriPath) and path.is_file()
+    results.write_rows(root, "trials", "trunk", "k1",
+                       [{"key": "k1", "study": "s", "stage": "trunk", "status": "done"}])
+    results.write_rows(root, "trials", "probe", "k2",
+                       [{"key": "k2", "study": "s", "stage": "probe", "status": "failed"}])
+    t = results.read_table(root, "epochs")
+    assert t.column("epoch").to_pylist() == [1, 2, 3]
+    assert t.column("test_acc").to_pylist() == pytest.approx([0.1, 0.2, 0.3])
+    assert results.finished_keys(root) == {"k1"}
+    assert results.trial_status(root, "probe", "k2") == "failed"
+    assert results.trial_status(root, "probe", "nope") is None
+    # a truncated file: its trial is forgotten (every table), the others stay
+    storage.write_bytes(results.table_path(root, "epochs", "trunk", "k1"), b"PAR1trunc")
+    assert set(results.forget_unreadable(root)) == {"k1"}
+    assert results.finished_keys(root) == set()
+    assert results.trial_statuses(root) == {"k2": "failed"}
+
+
+def test_state_dir_of_a_uri_is_local(s3, state_dir):
+    uri = s3.uri(s3.bucket("bkt-state"), "a/b")
+    paths = StudyPaths(uri)
+    assert paths.is_uri and paths.state == state_dir.resolve() / "s3" / "bkt-state" / "a" / "b"
+    assert paths.lock == paths.state / ".lock" and paths.cache == paths.state / "cache"
+    assert paths.default_tracking_uri() == f"sqlite:///{paths.state / 'mlflow.db'}"
+    assert str(paths.remote_lock) == f"s3://test:test@bkt-state/a/b/.lock{s3.query()}"
+    local = StudyPaths(Path("/tmp/x"))  # a local study keeps its layout
+    assert local.state == Path("/tmp/x") and local.lock == Path("/tmp/x/.lock")
+
+
+@pytest.mark.parametrize("which, needle", [
+    ("scheme", "not a usable storage URI"),
+    ("nobucket", "must name a bucket"),
+    ("missing", "cannot write there"),
+    ("unreachable", "cannot write there"),
+])
+def test_bad_uri_exits_2_before_anything_is_written(s3, tmp_path, state_dir, monkeypatch,
+                                                    capsys, which, needle):
+    uri = {"scheme": "foo://bucket/x",
+           "nobucket": f"s3:///x{s3.query()}",
+           "missing": s3.uri("s3://test:test@no-such-bucket-7", "x"),
+           "unreachable": "s3://test:test@b/x?endpoint_override=127.0.0.1:9&scheme=http"
+                          "&region=us-east-1"}[which]
+    monkeypatch.chdir(tmp_path)
+    code = run_command(lambda: run("plasticity", [f"study_dir={uri}", *TINY], smoke=True))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("granet: error: study_dir=") and needle in err
+    assert uri.split("?")[0].split("@")[-1] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no "s3:" folder, no state dir
+
+
+def test_smoke_plasticity_study_on_s3_resumes_from_the_bucket(ray_session, s3, tmp_path,
+                                                             tmp_path_factory, state_dir,
+                                                             monkeypatch):
+    bucket = s3.bucket()
+    uri = s3.uri(bucket, "studies/plast")
+    paths = StudyPaths(uri)
+    seed_mlflow_db(paths.state, tmp_path_factory)
+    monkeypatch.chdir(tmp_path)
+    worker_cache = Path("~/.cache/granet/studies/s3").expanduser() / bucket.split("@")[-1]
+    try:
+        first = run_tiny_plasticity(uri)
+        assert first["status"] == "finished", first
+        assert first["statuses"] == {"done": 10} and first["launched"] == {"trunk": 2,
+                                                                           "probe": 8}
+        assert first["study_dir"] == uri
+        root = paths.root
+        names = {p.path[len(root.path) + 1:] for p in root.rglob("*")}
+        assert {"study.json", "summary.json", "plasticity_summary.csv",
+                "ray/trunk-experiments.json", "ray/probe-experiments.json"} <= names
+        assert len([n for n in names if n.startswith("results/trials/")]) == 10
+        assert len([n for n in names if n.startswith("results/probes/")]) == 8
+        assert len([n for n in names if n.startswith("checkpoints/")]) == 4  # 2 trunks x t=1,3
+        assert any(n.startswith("figures/plasticity") and n.endswith(".png") for n in names)
+        assert any(n.startswith("ray/trunk-") and "/" in n[4:] for n in names)  # Tune's files
+        assert ".lock" not in names  # released
+        summary = json.loads((root / "summary.json").read_text())
+        assert summary["statuses"] == {"done": 10}
+        probes = results.read_table(uri, "probes").to_pylist()
+        assert len(probes) == 8 and all(p["acc_after"] is not None for p in probes)
+        # nothing landed on local disk under an "s3:" name
+        assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()
+        assert (paths.state / "mlflow.db").is_file()
+        again = run_tiny_plasticity(uri)
+        assert again["launched"] == {"trunk": 0, "probe": 0}
+        assert again["statuses"] == {"done": 10}
+    finally:
+        shutil.rmtree(worker_cache, ignore_errors=True)  # the Ray workers' data cache
