@@ -171,3 +171,53 @@ def test_smoke_plasticity_study_on_s3_resumes_from_the_bucket(ray_session, s3, t
         assert again["statuses"] == {"done": 10}
     finally:
         shutil.rmtree(worker_cache, ignore_errors=True)  # the Ray workers' data cache
+
+
+def test_mlflow_spool_in_a_bucket_syncs_to_a_store(s3, tmp_path, monkeypatch, tmp_path_factory):
+    """A trial on a worker that lost MLflow spools into the study's bucket (the driver, on
+    another machine, must see it); ``sync`` uploads it from there and empties it."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    from granet.study import mlflow_spool as ms
+    from granet.study.mlflow_sync import sync
+    from granet.study.tracking import StudyTracker, TrialRun
+
+    paths = StudyPaths(s3.uri(s3.bucket(), "studies/spool"))
+    assert isinstance(paths.mlflow_spool, UriPath)
+    db = seed_mlflow_db(tmp_path / "store", tmp_path_factory)
+    uri = f"sqlite:///{db}"
+    tracker = StudyTracker(uri, experiment="exp", study="st", kind="plasticity",
+                           artifact_root=tmp_path / "art", spool=paths.mlflow_spool)
+    info = tracker.tracking_info()
+    with socket.socket() as sock:  # a port nobody listens on: the trial's server is gone
+        sock.bind(("127.0.0.1", 0))
+        info["uri"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run = TrialRun(info, trial_key="k1", stage="probe", study="st", parent_key="t1",
+                   run_name="probe k1", params={"lr": 0.1}, lazy=True)
+    for e in (1, 2):
+        run.add_epochs([{"epoch": e, "test_acc": 0.25 * e}])
+        run.flush()
+    art = tmp_path / "layer_densities.csv"
+    art.write_text("layer,density\nfc,0.1\n")
+    run.log_artifact(art)
+    run.finish("FINISHED")
+    assert run.offline
+    assert not (Path.cwd() / "s3:").exists() and not (tmp_path / "s3:").exists()
+    spooled = ms.RunSpool(paths.mlflow_spool, "k1")
+    assert (paths.mlflow_spool / "k1" / "ops.jsonl").is_file()  # in the bucket
+    assert spooled.read().status == "FINISHED"
+    tracker.finish("FINISHED")
+
+    res = sync(str(paths.mlflow_spool), uri)
+    assert res.uploaded == ["k1"] and res.created == 1 and res.artifacts == 1
+    assert not (paths.mlflow_spool / "k1").exists()
+    c = MlflowClient(tracking_uri=uri)
+    kid = c.search_runs([tracker.experiment_id],
+                        filter_string="tags.`granet.trial_key` = 'k1'")[0]
+    assert [(m.step, m.value) for m in c.get_metric_history(kid.info.run_id, "test_acc")] == \
+        [(1, 0.25), (2, 0.5)]
+    assert [a.path for a in c.list_artifacts(kid.info.run_id)] == ["layer_densities.csv"]
+    assert kid.info.status == "FINISHED"
