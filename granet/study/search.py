@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ from granet.study.stages import SearchStage
 from granet.study.storage import atomic_write_text, rmtree
 
 __all__ = ["METRICS", "SearchStudy"]
+
+log = logging.getLogger("granet")
 
 STAGE = "search"
 
@@ -251,15 +254,24 @@ def _link_mlflow(tracker: Any, ost: Any) -> dict[str, str]:
     from optuna.trial import TrialState
 
     by_key = {r.data.tags.get("granet.trial_key"): r for r in tracker.child_runs()}
+    try:
+        _set_links(tracker, ost, by_key, TrialState.PRUNED)
+    except Exception as exc:  # noqa: BLE001 - MLflow degrades: the search's results stand
+        log.warning("granet: warning: MLflow %s: Optuna numbers not linked to the trial runs "
+                    "(%s: %s); running the same search again (it launches nothing) links them",
+                    tracker.uri, type(exc).__name__, str(exc).splitlines()[0][:160])
+    return {k: r.info.run_id for k, r in by_key.items() if k}
+
+
+def _set_links(tracker: Any, ost: Any, by_key: dict[str, Any], pruned: Any) -> None:
     for t in ost.get_trials(deepcopy=False):
         run = by_key.get(t.user_attrs.get("trial_key"))
         if run is None:
             continue
         tracker.client.set_tag(run.info.run_id, "optuna.number", str(t.number))
         tracker.client.set_tag(run.info.run_id, "optuna.state", t.state.name)
-        if t.state == TrialState.PRUNED:
+        if t.state == pruned:
             # the trial tags itself when Tune stops it, unless its actor is gone first
             tracker.client.set_tag(run.info.run_id, "granet.pruned", "true")
             if run.info.status != "KILLED":
                 tracker.client.set_terminated(run.info.run_id, status="KILLED")
-    return {k: r.info.run_id for k, r in by_key.items() if k}
