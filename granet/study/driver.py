@@ -413,6 +413,7 @@ def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None,
             _close(tracker, "KILLED")
             summary = _summary(run, "interrupted", t0, {})
             _write_summary(paths, summary)
+            _mlflow_pending(run, summary, upload=False)  # Ctrl-C: say it, upload nothing now
             cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else "the same command"
             msg = str(exc) if isinstance(exc, StudyInterrupted) else "interrupted"
             raise StudyInterrupted(
@@ -512,7 +513,7 @@ def _close(tracker: StudyTracker, status: str) -> None:
                     type(exc).__name__, exc)
 
 
-def _mlflow_pending(run: StudyRun, summary: dict[str, Any]) -> None:
+def _mlflow_pending(run: StudyRun, summary: dict[str, Any], upload: bool = True) -> None:
     """What did not reach MLflow (the spool): uploaded now when the server answers again,
     else one warning with the command that uploads it, and ``summary["mlflow_pending"]``."""
     from granet.study import mlflow_spool as ms
@@ -522,8 +523,9 @@ def _mlflow_pending(run: StudyRun, summary: dict[str, Any]) -> None:
     if tracker is None or not ms.spools(paths.mlflow_spool):
         return
     try:  # a server that came back during the study: upload at once (seconds)
-        check_tracking_uri(tracker.uri, origin="the study", timeout=3.0)
-        mlflow_sync.sync(paths.mlflow_spool, tracker.uri)
+        if upload:
+            check_tracking_uri(tracker.uri, origin="the study", timeout=3.0)
+            mlflow_sync.sync(paths.mlflow_spool, tracker.uri)
     except Exception as exc:  # noqa: BLE001 - what is left stays spooled, named below
         log.debug("spool not uploaded at the end of the study: %s", exc)
     pending = ms.pending_summary(paths.mlflow_spool, tracker.uri, paths.root,
