@@ -94,8 +94,17 @@ def load_checkpoint(
         raise CheckpointError(p, "is a directory, not a checkpoint file", "remove it and re-run")
     if p.stat().st_size == 0:
         raise CheckpointError(p, "is empty (0 bytes)")
+    return read_checkpoint_from(p, p, map_location, keys=keys)
+
+
+def read_checkpoint_from(
+    source: Any, name: Any, map_location: str | torch.device = "cpu", *, keys: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Decode a checkpoint from ``source`` (a path or a file object) with ``weights_only=True``;
+    :class:`CheckpointError` names ``name`` (the file or URI it came from)."""
+    p = name
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch reports damage as OSError, EOFError, KeyError, RuntimeError...
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -336,13 +336,12 @@ def save_checkpoint(state: dict[str, Any], path: StoragePath) -> None:
 def load_checkpoint(path: StoragePath | str, map_location: Any = "cpu", *,
                     keys: Any = ()) -> dict[str, Any]:
     """:func:`granet.io.load_checkpoint` for a local path or a URI (same errors)."""
-    from granet.io import CheckpointError
+    from granet.io import CheckpointError, read_checkpoint_from
     from granet.io import load_checkpoint as local_load
 
     p = study_path(path) if isinstance(path, str) else path
     if not isinstance(p, UriPath):
         return local_load(p, map_location, keys=keys)
-    import torch
 
     try:
         if not p.exists():
@@ -353,21 +352,7 @@ def load_checkpoint(path: StoragePath | str, map_location: Any = "cpu", *,
                               "check the storage and its credentials") from exc
     if not data:
         raise CheckpointError(p, "is empty (0 bytes)")
-    try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - as granet.io.load_checkpoint
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        raise CheckpointError(
-            p, f"cannot be read: truncated, corrupt or not a torch checkpoint ({why})"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(p, f"holds a {type(state).__name__}, not a granet checkpoint")
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(
-            p, f"is not a granet checkpoint (no {', '.join(repr(k) for k in missing)})")
-    return state
+    return read_checkpoint_from(io.BytesIO(data), p, map_location, keys=keys)
 
 
 def write_parquet(rows: Any, path: StoragePath, schema: Any = None) -> None:
