@@ -45,8 +45,9 @@ class MlflowServer:
     13); stopped by the PID of its process group, and restartable on the same port and store.
     """
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, artifacts: str | None = None) -> None:
         self.root, self.port = root, port or _free_port()
+        self.artifacts = artifacts or str(root / "artifacts")  # --artifacts-destination
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -57,7 +58,7 @@ class MlflowServer:
         log = open(self.root / "server.log", "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [exe, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

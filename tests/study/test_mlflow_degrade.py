@@ -6,13 +6,10 @@ destination cannot be written gets the metrics, and the artifacts follow with th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,36 +24,6 @@ from .helpers import ROOT, script_env, summary_of
 from .test_faults import SMOKE_PL, _driver, _wait_rows
 
 pytestmark = pytest.mark.slow
-
-
-class ArtifactServer(MlflowServer):
-    """An MLflow server with its own ``--artifacts-destination``."""
-
-    def __init__(self, root: Path, artifacts: str, port: int | None = None) -> None:
-        super().__init__(root, port)
-        self.artifacts = artifacts
-
-    def start(self, timeout: float = 90) -> None:
-        exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [exe, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                 "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError((self.root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
 
 
 def _sync(sd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -172,7 +139,7 @@ def test_artifact_destination_unwritable_keeps_metrics_and_spools_artifacts(ray_
     root.mkdir()
     blocker = tmp_path / "blocker"
     blocker.write_text("a regular file: no directory can be made under it (even as root)")
-    server = ArtifactServer(root, str(blocker / "artifacts"))
+    server = MlflowServer(root, artifacts=str(blocker / "artifacts"))
     server.start()
     sd = tmp_path / "study"
     try:
