@@ -263,13 +263,33 @@ def check_writable(root: UriPath) -> None:
     """Write, read back and delete a probe object under ``root`` (credentials, bucket,
     endpoint); raises ValueError naming the URI and the fix."""
     import secrets
+    import threading
 
     probe = root / f".granet-write-test-{secrets.token_hex(4)}"
+    got: dict[str, Any] = {}
+
+    def attempt() -> None:
+        try:
+            probe.write_bytes(b"granet")
+            got["ok"] = probe.read_bytes() == b"granet"
+            probe.unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - OSError from the AWS/GCS SDKs
+            got["error"] = exc
+
+    # an SDK looking for credentials (gs:// off GCP asks a metadata server) can retry for
+    # minutes: the probe runs in a daemon thread the driver stops waiting for
+    limit = float(os.environ.get("GRANET_STORAGE_TIMEOUT_S", "30"))
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        got["error"] = TimeoutError(f"no answer within {limit:g} s "
+                                    "(GRANET_STORAGE_TIMEOUT_S)")
+    ok = got.get("ok", False)
     try:
-        probe.write_bytes(b"granet")
-        ok = probe.read_bytes() == b"granet"
-        probe.unlink(missing_ok=True)
-    except Exception as exc:  # noqa: BLE001 - OSError from the AWS/GCS SDKs
+        if "error" in got:
+            raise got["error"]
+    except Exception as exc:  # noqa: BLE001 - OSError from the AWS/GCS SDKs, the time limit
         msg = " ".join(str(exc).split())[:300]
         raise ConfigError(
             f"study_dir={root.uri!r}: cannot write there ({msg}); check that the bucket exists, "

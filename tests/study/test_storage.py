@@ -117,16 +117,32 @@ def test_state_dir_of_a_uri_is_local(s3, state_dir):
     ("nobucket", "must name a bucket"),
     ("missing", "cannot write there"),
     ("unreachable", "cannot write there"),
+    ("silent", "cannot write there (no answer within 3 s"),
 ])
 def test_bad_uri_exits_2_before_anything_is_written(s3, tmp_path, state_dir, monkeypatch,
                                                     capsys, which, needle):
+    import socket
+    import time
+
+    # an endpoint that accepts connections and never answers: the SDK alone waits ~100 s
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    monkeypatch.setenv("GRANET_STORAGE_TIMEOUT_S", "3")
     uri = {"scheme": "foo://bucket/x",
            "nobucket": f"s3:///x{s3.query()}",
            "missing": s3.uri("s3://test:test@no-such-bucket-7", "x"),
            "unreachable": "s3://test:test@b/x?endpoint_override=127.0.0.1:9&scheme=http"
-                          "&region=us-east-1"}[which]
+                          "&region=us-east-1",
+           "silent": f"s3://test:test@b/x?endpoint_override=127.0.0.1:"
+                     f"{silent.getsockname()[1]}&scheme=http&region=us-east-1"}[which]
     monkeypatch.chdir(tmp_path)
-    code = run_command(lambda: run("plasticity", [f"study_dir={uri}", *TINY], smoke=True))
+    t0 = time.time()
+    try:
+        code = run_command(lambda: run("plasticity", [f"study_dir={uri}", *TINY], smoke=True))
+    finally:
+        silent.close()
+    assert time.time() - t0 < 30
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("granet: error: study_dir=") and needle in err
