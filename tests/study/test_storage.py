@@ -187,6 +187,11 @@ def test_smoke_plasticity_study_on_s3_resumes_from_the_bucket(ray_session, s3, t
         assert again["statuses"] == {"done": 10}
     finally:
         shutil.rmtree(worker_cache, ignore_errors=True)  # the Ray workers' data cache
+        for d in (worker_cache.parent, worker_cache.parent.parent):  # ...and the folders made
+            try:  # for it, when nothing else is in them
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def test_mlflow_spool_in_a_bucket_syncs_to_a_store(s3, tmp_path, monkeypatch, tmp_path_factory):
