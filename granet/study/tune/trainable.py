@@ -24,8 +24,8 @@ its input is unusable (its trunk checkpoint is unreadable: the driver retrains t
 next run); any other exception is left to Tune, which retries from the last checkpoint.
 
 What a trial costs besides its epochs is kept small: the data set is built once per worker
-process (and, for generated built-in sets, read from ``<study_dir>/cache/`` instead of being
-generated again), and MLflow gets few, batched calls.
+process (and, for generated built-in sets, read from the data cache ``StudyPaths.cache``
+instead of being generated again), and MLflow gets few, batched calls.
 
 A :class:`~granet.study.base.PackedTrial` (``{"trial": {"members": [...]}}``) trains its members
 together (:class:`granet.pack.ProbePack`): the trunk checkpoint is read once, each member
