@@ -154,7 +154,7 @@ def test_bad_packing_fields_are_config_errors(tmp_path, override, needle):
 def test_data_cache_is_the_data_set_bit_for_bit(tmp_path):
     """Workers read generated data sets from <study_dir>/cache/ instead of generating them: the
     cached tensors are exactly what load_dataset returns."""
-    from granet.study.tune import trainable as tr
+    from granet.study.tune import workerdata as tr
 
     study = _study()
     cfg = study.trunks()[0].config()
