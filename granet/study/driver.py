@@ -215,7 +215,8 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
 
     def progress(total: int) -> ProgressLine:
         return ProgressLine(stage.name, total, metric=stage.metric, mode=stage.mode,
-                            failures_dir=str(run.paths.failures))
+                            failures_dir=str(run.paths.failures),
+                            storage=run.paths.root if run.paths.is_uri else None)
 
     for exp in exps if not run.fresh else []:
         left = set(exp["keys"]) & wanted
@@ -280,7 +281,9 @@ def _run_search(run: StudyRun, stage: SearchStage, ctx: TrialContext, trainable:
         num_samples=stage.num_samples, search_alg=stage.searcher, scheduler=stage.scheduler,
         callbacks=[*callbacks, ProgressLine(stage.name, stage.num_samples, metric=stage.metric,
                                             mode=stage.mode,
-                                            failures_dir=str(run.paths.failures))],
+                                            failures_dir=str(run.paths.failures),
+                                            storage=run.paths.root if run.paths.is_uri
+                                            else None)],
     )
     _account(run, stage.name, grid, stage.num_samples)
 
@@ -356,8 +359,34 @@ def run_study(
     except OSError as exc:
         err = environment_error(exc, f"study {study.name!r} in {str(paths.root)!r}")
         if err is None:
+            err = _storage_lost(paths, exc)
+        if err is None:
             raise
         raise err from None
+    except Exception as exc:  # Ray and pyarrow wrap an object store's failure in many shapes
+        err = _storage_lost(paths, exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _storage_lost(paths: StudyPaths, exc: BaseException) -> StudyEnvironmentError | None:
+    """A study on object storage whose bucket stopped answering mid-study: one clear error
+    (exit 1: the study did not finish) instead of the traceback of whichever write failed first.
+    Asks the storage itself, as :func:`_disk_full` asks the disk."""
+    if not paths.is_uri:
+        return None
+    from granet.study.storage import storage_problem
+
+    problem = storage_problem(paths.root, limit=15.0)
+    if problem is None:
+        return None
+    log.debug("the storage failure surfaced as %s: %s", type(exc).__name__, exc)
+    return StudyEnvironmentError(
+        f"the study's storage {paths.root} stopped working while the study ran ({problem}); "
+        "check the endpoint, the credentials and the network, then run the same command "
+        "again: trials that finished are kept there and the study continues from them",
+        exit_code=1)
 
 
 def _run_locked(run: StudyRun, uri: str, local_store: bool, address: str | None, t0: float,
@@ -505,12 +534,16 @@ def _prepare_data(study: StudyConfig, paths: StudyPaths) -> None:
 
 
 def _close(tracker: StudyTracker, status: str) -> None:
-    try:
-        tracker.close_running_children("KILLED")
-        tracker.finish(status)
-    except Exception as exc:  # noqa: BLE001 - already on an error path: keep the first error
-        log.warning("granet: warning: MLflow parent run not closed as %s (%s: %s)", status,
-                    type(exc).__name__, exc)
+    # two steps, each on its own: the children's step reads the spool, which may be on the
+    # study's storage that just failed; the parent is closed whatever that step met
+    for what, step in (("child runs not closed as KILLED",
+                        lambda: tracker.close_running_children("KILLED")),
+                       (f"parent run not closed as {status}", lambda: tracker.finish(status))):
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - already on an error path: keep the first error
+            log.warning("granet: warning: MLflow %s (%s: %s)", what, type(exc).__name__,
+                        " ".join(str(exc).split())[:300])
 
 
 def _mlflow_pending(run: StudyRun, summary: dict[str, Any], upload: bool = True) -> None:

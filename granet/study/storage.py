@@ -259,9 +259,18 @@ def state_dir_for(root: StoragePath) -> Path:
     return (Path(base).expanduser() / scheme / root.path.lstrip("/")).resolve()
 
 
-def check_writable(root: UriPath) -> None:
-    """Write, read back and delete a probe object under ``root`` (credentials, bucket,
-    endpoint); raises ValueError naming the URI and the fix."""
+_STORAGE_FIX = ("check that the bucket exists, the credentials (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role; "
+                "GOOGLE_APPLICATION_CREDENTIALS for gs://) and the endpoint (AWS_ENDPOINT_URL "
+                "or ?endpoint_override=host:port&scheme=http)")
+
+
+def storage_problem(root: UriPath, limit: float | None = None) -> str | None:
+    """Write, read back and delete a probe object under ``root``; None when that works, else
+    what went wrong (one line). Gives up after ``limit`` seconds (default
+    ``GRANET_STORAGE_TIMEOUT_S``, 30): an SDK looking for credentials (gs:// off GCP asks a
+    metadata server) or talking to a silent endpoint retries for minutes, so the probe runs in
+    a daemon thread the caller stops waiting for."""
     import secrets
     import threading
 
@@ -274,31 +283,26 @@ def check_writable(root: UriPath) -> None:
             got["ok"] = probe.read_bytes() == b"granet"
             probe.unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - OSError from the AWS/GCS SDKs
-            got["error"] = exc
+            got["error"] = " ".join(str(exc).split())[:300] or type(exc).__name__
 
-    # an SDK looking for credentials (gs:// off GCP asks a metadata server) can retry for
-    # minutes: the probe runs in a daemon thread the driver stops waiting for
-    limit = float(os.environ.get("GRANET_STORAGE_TIMEOUT_S", "30"))
+    if limit is None:
+        limit = float(os.environ.get("GRANET_STORAGE_TIMEOUT_S", "30"))
     worker = threading.Thread(target=attempt, daemon=True)
     worker.start()
     worker.join(limit)
     if worker.is_alive():
-        got["error"] = TimeoutError(f"no answer within {limit:g} s "
-                                    "(GRANET_STORAGE_TIMEOUT_S)")
-    ok = got.get("ok", False)
-    try:
-        if "error" in got:
-            raise got["error"]
-    except Exception as exc:  # noqa: BLE001 - OSError from the AWS/GCS SDKs, the time limit
-        msg = " ".join(str(exc).split())[:300]
-        raise ConfigError(
-            f"study_dir={root.uri!r}: cannot write there ({msg}); check that the bucket exists, "
-            "the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an "
-            "instance role; GOOGLE_APPLICATION_CREDENTIALS for gs://) and the endpoint "
-            "(AWS_ENDPOINT_URL or ?endpoint_override=host:port&scheme=http)"
-        ) from None
-    if not ok:
-        raise ConfigError(f"study_dir={root.uri!r}: an object written there did not read back")
+        return f"no answer within {limit:g} s (GRANET_STORAGE_TIMEOUT_S)"
+    if "error" in got:
+        return got["error"]
+    return None if got.get("ok") else "an object written there did not read back"
+
+
+def check_writable(root: UriPath) -> None:
+    """:func:`storage_problem` as a ConfigError naming the URI and the fix."""
+    problem = storage_problem(root)
+    if problem is not None:
+        raise ConfigError(f"study_dir={root.uri!r}: cannot write there ({problem}); "
+                          + _STORAGE_FIX)
 
 
 # ---------------------------------------------------------------------------------- writers

@@ -242,3 +242,34 @@ def test_mlflow_spool_in_a_bucket_syncs_to_a_store(s3, tmp_path, monkeypatch, tm
         [(1, 0.25), (2, 0.5)]
     assert [a.path for a in c.list_artifacts(kid.info.run_id)] == ["layer_densities.csv"]
     assert kid.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_bucket_gone_mid_study_ends_it_at_once_naming_the_uri(ray_session, tmp_path, state_dir):
+    """The S3 server dies while probes run (SIGTERM by PID): the first failing trial makes the
+    driver probe the bucket and end the study with one ``granet: error:`` naming the URI (exit
+    1, nothing claims success), instead of every trial spending its retries against it (ten
+    minutes, then a pyarrow traceback, before this was handled)."""
+    import time
+
+    from .test_faults import SMOKE_PL, _driver, _wait_rows
+
+    server = S3Server(tmp_path).start()
+    try:
+        uri = server.uri(server.bucket(), "studies/gone")
+        proc = _driver([*SMOKE_PL, "--set", f"study_dir={uri}"], slow=0.4)
+        _wait_rows(uri, "probe", 1, proc)
+        server.stop()
+        t_stop = time.time()
+        out, err = proc.communicate(timeout=600)
+        elapsed = time.time() - t_stop
+    finally:
+        server.stop()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("granet: error: the study's storage s3://"), err[-3000:]
+    assert "studies/gone" in last and "stopped working while the study ran" in last
+    assert "run the same command again" in last
+    assert "Traceback" not in err.split("granet: error:")[-1]
+    assert " finished in " not in out  # nothing claims success
+    assert elapsed < 180, elapsed

@@ -4,6 +4,10 @@
 Counts are of distinct trials (a retried or restored trial counts once), so they never exceed
 the stage's total. A failed trial's error is copied into the study directory
 (``failures/<key>.txt``) and that copy is what the line points at.
+
+A study on object storage is also watched here: when a trial fails (before Tune retries it),
+the storage is probed; if the bucket stopped answering, :class:`StorageLost` ends the stage at
+once instead of letting every trial spend its retries against it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-__all__ = ["ProgressLine"]
+__all__ = ["ProgressLine", "StorageLost"]
+
+
+class StorageLost(RuntimeError):
+    """The study's object storage stopped answering mid-stage (the message says how)."""
 
 
 def _trial_field(trial: Any, name: str) -> Any:
@@ -32,8 +40,10 @@ class ProgressLine(Callback):
     """Concise progress lines for one stage (a Tune callback)."""
 
     def __init__(self, stage: str, total: int, *, metric: str = "test_acc", mode: str = "max",
-                 every: float = 15.0, failures_dir: str | None = None) -> None:
+                 every: float = 15.0, failures_dir: str | None = None,
+                 storage: Any = None) -> None:
         self.stage, self.total = stage, total
+        self.storage = storage  # the study root when it is a URI (UriPath), else None
         self.metric, self.mode, self.every = metric, mode, every
         self.failures_dir = failures_dir
         self.done: set[str] = set()
@@ -73,7 +83,20 @@ class ProgressLine(Callback):
         if len(self.done) >= self.total or time.time() - self.last_print >= self.every:
             self._line()
 
+    def _check_storage(self) -> None:
+        if self.storage is None:
+            return
+        from granet.study.storage import storage_problem
+
+        problem = storage_problem(self.storage, limit=15.0)
+        if problem is not None:
+            raise StorageLost(f"{self.storage}: {problem}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._check_storage()  # a failure Tune is about to retry: is the bucket gone?
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._check_storage()
         self.running.discard(trial.trial_id)
         self.failed.add(trial.trial_id)
         where = self._copy_error(trial)
