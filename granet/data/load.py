@@ -13,7 +13,7 @@ from granet.data.builtin import (
     _load_fake,
     _load_mnist1d,
 )
-from granet.data.splits import Dataset, Split
+from granet.data.splits import Dataset, Split, validation_carve
 from granet.data.user import _load_user, _resolve_data_fn, is_user_data
 
 __all__ = ["load_dataset", "validate_data_name"]
@@ -80,14 +80,7 @@ def load_dataset(
         keep = torch.randperm(len(y), generator=g)[: int(num_samples)].sort().values
         x, y = x[keep], y[keep]
 
-    n = len(y)
-    n_val = round(float(val_fraction) * n)
-    if n_val >= n:
-        raise ValueError(
-            f"data.val_fraction={val_fraction!r}: leaves no training samples out of {n}"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    val_idx, train_idx = validation_carve(len(y), val_fraction, seed)
     return Dataset(
         name=key,
         train=Split(x[train_idx], y[train_idx]),

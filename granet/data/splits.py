@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "Split", "StreamedSplit"]
+__all__ = ["Dataset", "Split", "StreamedSplit", "validation_carve"]
 
 
 @dataclass
@@ -151,3 +151,15 @@ class _StreamedColumn:
         if not isinstance(index, slice):
             raise TypeError("a streamed split's x / y can only be sliced (x[a:b])")
         return self.split.take(list(range(len(self.split))[index]))[self.column]
+
+
+def validation_carve(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation indices, training indices), each sorted: a seeded share ``val_fraction`` of
+    ``n`` training samples held out for validation (built-in and user data sets alike)."""
+    n_val = round(float(val_fraction) * n)
+    if n_val >= n:
+        raise ValueError(
+            f"data.val_fraction={val_fraction!r}: leaves no training samples out of {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[:n_val].sort().values, perm[n_val:].sort().values

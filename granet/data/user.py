@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from granet.data.builtin import SUBSET_SEED
-from granet.data.splits import Dataset, Split, StreamedSplit
+from granet.data.splits import Dataset, Split, StreamedSplit, validation_carve
 from granet.errors import ConfigError
 
 __all__ = ["IN_MEMORY_MAX_BYTES", "is_user_data"]
@@ -269,15 +269,9 @@ def _load_user(
     if "val" in splits:
         val = splits["val"]
     else:
-        n = len(train)
-        n_val = round(float(val_fraction) * n)
-        if n_val >= n:
-            raise ValueError(
-                f"data.val_fraction={val_fraction!r}: leaves no training samples out of {n}"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-        val = _select(train, perm[:n_val].sort().values)
-        train = _select(train, perm[n_val:].sort().values)
+        val_idx, train_idx = validation_carve(len(train), val_fraction, seed)
+        val = _select(train, val_idx)
+        train = _select(train, train_idx)
     if isinstance(val, StreamedSplit) and not val.sample_shape:  # an empty user Dataset
         val = Split(
             torch.zeros((0, *shapes["train"]), dtype=kinds["train"]),
