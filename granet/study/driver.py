@@ -213,10 +213,11 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
     exps = _stage_experiments(run, stage.name)
     manifest = run.paths.experiments_manifest(stage.name)
 
-    def progress(total: int) -> ProgressLine:
+    def progress(total: int, members: int) -> ProgressLine:
         return ProgressLine(stage.name, total, metric=stage.metric, mode=stage.mode,
                             failures_dir=str(run.paths.failures),
-                            storage=run.paths.root if run.paths.is_uri else None)
+                            storage=run.paths.root if run.paths.is_uri else None,
+                            members=members)
 
     for exp in exps if not run.fresh else []:
         left = set(exp["keys"]) & wanted
@@ -227,7 +228,7 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
         units = [u for u in exp.get("units") or [[k] for k in exp["keys"]] if set(u) & left]
         grid = run_tuner(run.study, experiment=exp["name"], storage=run.paths.ray,
                          trainable=trainable, restore=True,
-                         callbacks=[*callbacks, progress(len(units))])
+                         callbacks=[*callbacks, progress(len(units), len(left))])
         finished = run.finished_keys(stage.name)
         # count what the restore ran: trials it finished (errors are counted as failed)
         _account(run, stage.name, grid, len(left), len(units), ran=len(left & finished))
@@ -252,7 +253,7 @@ def _run_grid(run: StudyRun, stage: GridStage, ctx: TrialContext, trainable: Any
         run.study, experiment=name, storage=run.paths.ray, trainable=trainable,
         param_space={"trial": grid_of([u.to_dict() for u in units]),
                      "context": grid_ctx.to_dict()},
-        callbacks=[*callbacks, progress(len(units))],
+        callbacks=[*callbacks, progress(len(units), len(todo))],
     )
     _account(run, stage.name, grid, len(todo), len(units))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,15 @@ def test_script_smoke_test_subprocess(ray_session, tmp_path):
                     for e in ("pdf", "png")]
     rows = (sd / "plasticity_summary.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["plasticity"] * 4 + ["gap"] * 4
+    # progress: the last line of each stage counts every Tune trial done; probes run packed
+    # (one Tune trial per trunk checkpoint and kind), and the line says how many probes
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("[")]
+    assert [x for x in lines if x.startswith("[trunk]")][-1].startswith(
+        "[trunk] 1/1 done, 0 running, 0 failed | best test_acc ")
+    last = [x for x in lines if x.startswith("[probe]")][-1]
+    m = re.match(r"\[probe\] (\d+)/(\d+) packs \(8 probes\) done, 0 running, 0 failed \| best "
+                 r"test_acc 0\.\d{4} \(\d probes t[13]( gap)? \| d0\.1 mlp s0\)$", last)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) == 4, last
 
 
 MAIN = REPO / "studies" / "configs" / "plasticity_mnist1d.yaml"

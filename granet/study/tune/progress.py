@@ -1,6 +1,7 @@
 """Console progress of a stage: one line per failure and at most one every few seconds.
 
-``[probe] 12/160 done, 2 running, 0 failed | best test_acc 0.8120 (p0.5 t14 regen | d0.1)``.
+``[probe] 12/160 done, 2 running, 0 failed | best test_acc 0.8120 (p0.5 t14 regen | d0.1)``;
+when the stage's trials run packed, ``[probe] 12/26 packs (184 probes) done, ...``.
 Counts are of distinct trials (a retried or restored trial counts once), so they never exceed
 the stage's total. A failed trial's error is copied into the study directory
 (``failures/<key>.txt``) and that copy is what the line points at.
@@ -41,8 +42,10 @@ class ProgressLine(Callback):
 
     def __init__(self, stage: str, total: int, *, metric: str = "test_acc", mode: str = "max",
                  every: float = 15.0, failures_dir: str | None = None,
-                 storage: Any = None) -> None:
+                 storage: Any = None, members: int | None = None) -> None:
         self.stage, self.total = stage, total
+        # Tune trials that are packs: the line counts packs and says how many trials they hold
+        self.members = members if members is not None and members != total else None
         self.storage = storage  # the study root when it is a URI (UriPath), else None
         self.metric, self.mode, self.every = metric, mode, every
         self.failures_dir = failures_dir
@@ -61,8 +64,9 @@ class ProgressLine(Callback):
         if self.best is not None:
             best = f" | best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
         total = max(self.total, len(self.done | self.failed | self.running))
-        print(f"[{self.stage}] {len(self.done)}/{total} done, {len(self.running)} running, "
-              f"{len(self.failed)} failed{best}", file=sys.stdout, flush=True)
+        packs = "" if self.members is None else f" packs ({self.members} {self.stage}s)"
+        print(f"[{self.stage}] {len(self.done)}/{total}{packs} done, {len(self.running)} "
+              f"running, {len(self.failed)} failed{best}", file=sys.stdout, flush=True)
         self.last_print = time.time()
 
     def on_trial_start(self, iteration, trials, trial, **info):
