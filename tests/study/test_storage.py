@@ -273,3 +273,31 @@ def test_bucket_gone_mid_study_ends_it_at_once_naming_the_uri(ray_session, tmp_p
     assert "Traceback" not in err.split("granet: error:")[-1]
     assert " finished in " not in out  # nothing claims success
     assert elapsed < 180, elapsed
+
+
+@pytest.mark.slow
+def test_interrupted_study_on_s3_restores_its_tune_experiment_from_the_bucket(
+        ray_session, s3, tmp_path, state_dir, monkeypatch):
+    """Ctrl-C mid-probes on an ``s3://`` study, then the same command: the unfinished Tune
+    experiment is restored from the bucket (Tuner.restore with its pyarrow file system) and only
+    the probes that had not finished run."""
+    import os
+    import signal
+
+    from .test_faults import SMOKE_PL, _driver, _wait_rows
+
+    uri = s3.uri(s3.bucket(), "studies/resume")
+    proc = _driver([*SMOKE_PL, "--set", f"study_dir={uri}"], slow=0.4)
+    _wait_rows(uri, "probe", 2, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    before = set(results.trial_statuses(uri, "probe"))
+    assert 2 <= len(before) < 8
+    monkeypatch.chdir(tmp_path)
+    again = run("plasticity", [f"study_dir={uri}", "ratios=[0.5]", *TINY], smoke=True)
+    assert again["status"] == "finished", again
+    assert again["launched"] == {"trunk": 0, "probe": 8 - len(before)}, again
+    assert again["statuses"] == {"done": 10}
+    manifest = json.loads((StudyPaths(uri).experiments_manifest("probe")).read_text())
+    assert len(manifest) == 1  # restored, not a second experiment for the same probes
