@@ -3,10 +3,20 @@ ends: one line for the errors a user can act on, and an exit status."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
-__all__ = ["ConfigError", "run_command"]
+__all__ = ["ConfigError", "RedactFilter", "redact", "run_command"]
+
+# the password of a URI's user info: s3://KEY:SECRET@bucket, postgresql://user:pw@host
+_SECRET = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]+):[^@/\s'\"]+@")
+
+
+def redact(text: Any) -> str:
+    """``text`` with the password of every URI in it replaced by ``***`` (what granet prints;
+    the URI itself still carries it to the code that needs it)."""
+    return _SECRET.sub(r"\1:***@", str(text))
 
 
 class ConfigError(ValueError):
@@ -14,8 +24,19 @@ class ConfigError(ValueError):
     allowed."""
 
 
+class RedactFilter:
+    """A logging filter: the passwords of URIs in a record's message become ``***``."""
+
+    def filter(self, record: Any) -> bool:
+        msg = record.getMessage()
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
 def _error(msg: Any, code: int) -> int:
-    print(f"granet: error: {msg}", file=sys.stderr, flush=True)
+    print(f"granet: error: {redact(msg)}", file=sys.stderr, flush=True)
     return code
 
 

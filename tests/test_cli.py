@@ -450,3 +450,22 @@ def test_train_console_start_line_bar_and_done(tmp_path, capsys) -> None:
     assert _screen(again.err)[1].startswith("granet train: model cnn1d on mnist1d, ")
     assert "at density 0.1000" in _screen(again.err)[1]  # the checkpoint's masks
     assert len(_screen(again.err)) == 2
+
+
+def test_passwords_in_uris_are_never_printed(caplog):
+    """``redact`` masks the password of every URI in a text; granet's log records pass through
+    it (the study layer's warnings name storage and tracking URIs)."""
+    import logging
+
+    from granet.errors import redact
+
+    assert redact("study_dir='s3://KEY:SECRET@bucket/p?endpoint_override=h:9000' failed") == \
+        "study_dir='s3://KEY:***@bucket/p?endpoint_override=h:9000' failed"
+    assert redact("postgresql+psycopg://mlflow:pw@10.0.0.1:5432/db") == \
+        "postgresql+psycopg://mlflow:***@10.0.0.1:5432/db"
+    for same in ("http://127.0.0.1:5000", "s3://bucket/p", "sqlite:////tmp/a:b@c/mlflow.db",
+                 "user@host:22"):
+        assert redact(same) == same
+    with caplog.at_level(logging.WARNING, logger="granet"):
+        logging.getLogger("granet").warning("MLflow %s: down", "mysql://u:secret@db:3306/m")
+    assert caplog.records[-1].getMessage() == "MLflow mysql://u:***@db:3306/m: down"

@@ -63,26 +63,30 @@ def run_study_command(kind: str, args: argparse.Namespace) -> int:
 
 def print_end(out: dict[str, Any]) -> None:
     """Where to look: a few lines a person reads, then the JSON summary's path."""
+    from granet.errors import redact
     from granet.study.storage import study_path
+
+    def _print(text: str, **kw: Any) -> None:
+        print(redact(text), **kw)
 
     launched = ", ".join(f"{n} {s}" for s, n in out["launched"].items()) or "nothing"
     failed = sum(out["failed"].values())
     st = out["statuses"]
     pending = out.get("mlflow_pending")
-    print(f"{out['kind']} study '{out['study']}' {out['status']} in {out['seconds']:.0f} s: "
-          f"launched {launched}; {failed} failed, {st.get('diverged', 0)} diverged "
-          f"({st.get('done', 0)} trials done in all)"
-          f"{'; MLflow incomplete (see below)' if pending else ''}", flush=True)
+    _print(f"{out['kind']} study '{out['study']}' {out['status']} in {out['seconds']:.0f} s: "
+           f"launched {launched}; {failed} failed, {st.get('diverged', 0)} diverged "
+           f"({st.get('done', 0)} trials done in all)"
+           f"{'; MLflow incomplete (see below)' if pending else ''}", flush=True)
     for p in out["outputs"]:
-        print(f"  {p}")
+        _print(f"  {p}")
     if out["figures"]:
-        print(f"  figures: {study_path(out['figures'][0]).parent}")
+        _print(f"  figures: {study_path(out['figures'][0]).parent}")
     root = study_path(out["study_dir"])  # a local path or a URI (s3://…): never Path(uri)
-    print(f"  tables (Parquet): {root / 'results'}")
-    print(f"  summary: {root / 'summary.json'}")
-    print(f"MLflow UI: {out['mlflow_ui']}", flush=True)
+    _print(f"  tables (Parquet): {root / 'results'}")
+    _print(f"  summary: {root / 'summary.json'}")
+    _print(f"MLflow UI: {out['mlflow_ui']}", flush=True)
     if pending:
-        print(pending["message"], flush=True)
+        _print(pending["message"], flush=True)
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from granet.errors import redact
 from granet.study import results
 from granet.study.base import PackedTrial, StudyConfig, TrialContext, load_study_config
 from granet.study.lock import StudyLock
@@ -124,7 +125,7 @@ class StudyRun:
 
     def say(self, msg: str) -> None:
         if not self.quiet:
-            print(msg, flush=True)
+            print(redact(msg), flush=True)
 
     def finished_keys(self, stage: str | None = None) -> set[str]:
         return results.finished_keys(self.paths.root, stage)
@@ -338,8 +339,8 @@ def run_study(
     if paths.is_uri:  # bucket, credentials, endpoint: before any Ray or MLflow work
         check_writable(paths.root)
         if not quiet:
-            print(f"study_dir {paths.root}: lock, sqlite stores and data cache in the local "
-                  f"state directory {paths.state}", flush=True)
+            print(redact(f"study_dir {paths.root}: lock, sqlite stores and data cache in the "
+                         f"local state directory {paths.state}"), flush=True)
     uri, origin = resolve_tracking_uri(study, paths)
     if uri != paths.default_tracking_uri():  # the default store is created with the study dir
         check_tracking_uri(uri, origin=origin)

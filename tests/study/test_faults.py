@@ -288,6 +288,7 @@ def test_unusable_service_or_resource_fails_fast_and_writes_nothing(tmp_path, ar
     assert proc.stderr.startswith("granet: error: ") and len(proc.stderr.splitlines()) == 1, \
         proc.stderr[-3000:]
     assert needle.format(**fill) in proc.stderr
+    assert "u:p@" not in proc.stderr  # a URI's password is never printed
     assert time.time() - t0 < 45
     assert not sd.exists()
 
