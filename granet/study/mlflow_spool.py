@@ -28,13 +28,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from granet.study.storage import StoragePath, UriPath, local_copy, rmtree, study_path
+from granet.study.storage import StoragePath, UriPath, rmtree, study_path, write_bytes
 
 __all__ = ["HTTP_RETRY_ENV", "PARENT", "STALL_BOUND_S", "RunSpool", "SpooledRun",
            "bound_http_retries", "pending_summary", "short_error", "spools"]
@@ -116,20 +115,11 @@ def _io_read_lines(path: StoragePath) -> list[str]:
 
 
 def _io_copy(src: Path, dst: StoragePath) -> None:
-    if isinstance(dst, UriPath):
-        dst.write_bytes(src.read_bytes())  # one PUT: the object appears whole
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    write_bytes(dst, src.read_bytes())  # a local path: temporary file + rename; a URI: one PUT
 
 
 def _io_remove_tree(path: StoragePath) -> None:
-    if isinstance(path, UriPath):
-        rmtree(path)
-        return
-    shutil.rmtree(path, ignore_errors=True)
+    rmtree(path)
 
 
 def _io_list_dirs(root: StoragePath) -> list[StoragePath]:
@@ -137,11 +127,6 @@ def _io_list_dirs(root: StoragePath) -> list[StoragePath]:
         return sorted(p for p in root.iterdir() if p.is_dir())
     except FileNotFoundError:
         return []
-
-
-def _io_local(path: StoragePath) -> local_copy:
-    """A local copy of a spooled artifact while it is uploaded."""
-    return local_copy([path])
 
 
 # ---------------------------------------------------------------------------------- spool
