@@ -31,6 +31,23 @@ class StudyLocked(RuntimeError):
     """Another driver runs on this study directory."""
 
 
+def _read_holder(lock: Any) -> dict[str, Any]:
+    """The JSON a lock file (a Path) or lock object (a UriPath) holds; {} when none."""
+    try:
+        return json.loads(lock.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _locked_by(held: dict[str, Any], lock: Any) -> StudyLocked:
+    """The refusal naming a holder this host cannot check (another host) and the way out."""
+    return StudyLocked(
+        f"study directory {str(lock.parent)!r} is locked by a driver on host "
+        f"{held.get('host')!r} (pid {held.get('pid')}, started {held.get('started')}); if "
+        f"that run is no longer alive, delete {str(lock)!r} and start again"
+    )
+
+
 class StudyLock:
     """Context manager holding the study directory's lock."""
 
@@ -39,15 +56,10 @@ class StudyLock:
         self.remote = remote  # a granet.study.storage.UriPath, or None
         self._fd: int | None = None
 
-    def _remote_holder(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.remote.read_bytes() or b"{}") if self.remote.exists() else {}
-        except (OSError, ValueError):
-            return {}
 
     def _check_remote(self, host: str) -> None:
         """Refuse when the bucket's lock object names a live driver other than this one."""
-        held = self._remote_holder()
+        held = _read_holder(self.remote)
         if not held:
             return
         other_host = held.get("host") and held.get("host") != host
@@ -59,17 +71,8 @@ class StudyLock:
             except (ProcessLookupError, PermissionError):
                 alive = False
         if other_host or alive:
-            raise StudyLocked(
-                f"study directory {str(self.remote.parent)!r} is locked by a driver on host "
-                f"{held.get('host')!r} (pid {held.get('pid')}, started {held.get('started')}); "
-                f"if that run is no longer alive, delete {str(self.remote)!r} and start again"
-            )
+            raise _locked_by(held, self.remote)
 
-    def _holder(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
 
     def acquire(self) -> None:
         host = socket.gethostname()
@@ -80,7 +83,7 @@ class StudyLock:
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            h = self._holder()
+            h = _read_holder(self.path)
             raise StudyLocked(
                 f"study directory {str(self.path.parent)!r} is in use by another granet driver "
                 f"(pid {h.get('pid', '?')} on {h.get('host', '?')}, started "
@@ -93,14 +96,10 @@ class StudyLock:
         if not same:  # the holder released (unlinked) it between our open and flock: retry
             os.close(fd)
             return self.acquire()
-        held = self._holder()
+        held = _read_holder(self.path)
         if held.get("host") and held.get("host") != host:
             os.close(fd)
-            raise StudyLocked(
-                f"study directory {str(self.path.parent)!r} is locked by a driver on host "
-                f"{held['host']!r} (pid {held.get('pid')}, started {held.get('started')}); if "
-                f"that run is no longer alive, delete {str(self.path)!r} and start again"
-            )
+            raise _locked_by(held, self.path)
         if self.remote is not None:
             try:
                 self._check_remote(host)
@@ -127,7 +126,7 @@ class StudyLock:
             self.path.unlink(missing_ok=True)
             if self.remote is not None:
                 try:
-                    if self._remote_holder().get("pid") == os.getpid():
+                    if _read_holder(self.remote).get("pid") == os.getpid():
                         self.remote.unlink(missing_ok=True)
                 except OSError:  # best effort: the next driver on this host takes it over
                     pass
