@@ -293,16 +293,27 @@ def test_unusable_service_or_resource_fails_fast_and_writes_nothing(tmp_path, ar
     assert not sd.exists()
 
 
-def test_mlflow_server_going_away_mid_study_is_survived(ray_session, tmp_path):
-    server = MlflowServer(tmp_path / "server")
+def kill_server_after_first_trunk(tmp_path: Path) -> tuple[MlflowServer, Path, subprocess.Popen]:
+    """A smoke study (1 trunk, 4 probes, slowed) logging to a real MLflow server, which is
+    SIGKILLed once the trunk has finished: (the server, stopped; the study dir; the driver)."""
     (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
     server.start()
     sd = tmp_path / "study"
     try:
         proc = _driver([*SMOKE_PL, "--set", f"study_dir={sd}", "--set",
                         "trunk_densities=[0.1]", "--tracking-uri", server.url], slow=0.3)
         _wait_rows(sd, "trunk", 1, proc)
-        server.stop(signal.SIGKILL)  # the server dies mid-study...
+    except BaseException:
+        server.stop()
+        raise
+    server.stop(signal.SIGKILL)  # the server dies mid-study
+    return server, sd, proc
+
+
+def test_mlflow_server_going_away_mid_study_is_survived(ray_session, tmp_path):
+    server, sd, proc = kill_server_after_first_trunk(tmp_path)
+    try:
         time.sleep(4)
         server.start()  # ...and comes back on the same port and store
         out, err = proc.communicate(timeout=400)

@@ -6,7 +6,6 @@ destination cannot be written gets the metrics, and the artifacts follow with th
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from granet.study.paths import StudyPaths
 
 from .conftest import MlflowServer
 from .helpers import ROOT, script_env, summary_of
-from .test_faults import SMOKE_PL, _driver, _wait_rows
+from .test_faults import SMOKE_PL, _driver, kill_server_after_first_trunk
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +70,9 @@ def _assert_complete(url: str, sd: Path) -> None:
 
 
 def test_server_killed_and_kept_down_then_synced(ray_session, tmp_path):
-    (tmp_path / "server").mkdir()
-    server = MlflowServer(tmp_path / "server")
-    server.start()
-    sd = tmp_path / "study"
+    server, sd, proc = kill_server_after_first_trunk(tmp_path)  # ...and it stays down
+    t_kill = time.time()
     try:
-        proc = _driver([*SMOKE_PL, "--set", f"study_dir={sd}", "--set",
-                        "trunk_densities=[0.1]", "--tracking-uri", server.url], slow=0.3)
-        _wait_rows(sd, "trunk", 1, proc)
-        server.stop(signal.SIGKILL)  # the server dies mid-study and stays down
-        t_kill = time.time()
         out, err = proc.communicate(timeout=400)
         after_kill = time.time() - t_kill
         assert proc.returncode == 0, out[-2000:] + err[-3000:]
